@@ -1,0 +1,1 @@
+"""fastpeft: fused Triton kernels for parameter-efficient fine-tuning."""

@@ -1,0 +1,1 @@
+"""Triton kernels and their PyTorch references. No nn.Module, no autograd: tensors in, tensors out."""

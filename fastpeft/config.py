@@ -1,0 +1,108 @@
+"""The base PeftConfig and adapter_config.json I/O, with PEFT's field names.
+
+A directory that real `peft` wrote must load here, and ours must load in `peft`, so the JSON keys
+are PEFT's. PEFT writes many fields for features fastpeft does not have; reading one of those with
+a non-default value raises (we would otherwise silently compute something else), while reading it
+at its default is fine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+CONFIG_NAME = "adapter_config.json"
+
+# Every method's config class, by `peft_type`; filled by `register_config` in fastpeft/methods/*.
+CONFIG_REGISTRY: dict[str, type[PeftConfig]] = {}
+
+
+def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
+    CONFIG_REGISTRY[cls.PEFT_TYPE] = cls
+    return cls
+
+
+@dataclass
+class PeftConfig:
+    """Fields every method shares (PEFT's `PeftConfigMixin` + `PeftConfig`)."""
+
+    PEFT_TYPE: ClassVar[str] = ""
+    # PEFT fields this class does not implement, with the value that means "off": a checkpoint
+    # that sets one of them to anything else cannot be reproduced here and is refused.
+    UNSUPPORTED_FIELDS: ClassVar[dict[str, Any]] = {}
+    # PEFT fields that carry no meaning for the computation (bookkeeping); read and dropped.
+    IGNORED_FIELDS: ClassVar[tuple[str, ...]] = ("auto_mapping", "peft_version")
+
+    task_type: str | None = field(default=None, metadata={"help": "PEFT TaskType, e.g. CAUSAL_LM, SEQ_CLS."})
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "Name or path of the base model."})
+    revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
+    inference_mode: bool = field(default=False, metadata={"help": "Load frozen, for inference only."})
+
+    @property
+    def peft_type(self) -> str:
+        return self.PEFT_TYPE
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["peft_type"] = self.peft_type
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        """Build the config class named by `data["peft_type"]` (or `cls` itself) from JSON data."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", cls.PEFT_TYPE or None)
+        target = CONFIG_REGISTRY.get(peft_type) if peft_type else None
+        if target is None:
+            known = ", ".join(sorted(CONFIG_REGISTRY)) or "none"
+            raise ValueError(f"unknown peft_type {peft_type!r}; fastpeft implements: {known}")
+        if cls is not PeftConfig and not issubclass(target, cls):
+            raise ValueError(f"peft_type {peft_type!r} is not a {cls.__name__}")
+        names = {f.name for f in dataclasses.fields(target)}
+        kwargs, refused, unknown = {}, [], []
+        for key, value in data.items():
+            if key in names:
+                kwargs[key] = value
+            elif key in target.UNSUPPORTED_FIELDS:
+                if value not in (target.UNSUPPORTED_FIELDS[key], None):
+                    refused.append(f"{key}={value!r}")
+            elif key not in target.IGNORED_FIELDS:
+                unknown.append(key)
+        if refused:
+            raise NotImplementedError(
+                f"{target.__name__}: fastpeft does not implement {', '.join(refused)} (PEFT feature)"
+            )
+        if unknown:
+            warnings.warn(f"{target.__name__}: ignoring unknown config fields {sorted(unknown)}", stacklevel=2)
+        return target(**kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
+        """Write adapter_config.json; `extra` adds PEFT's bookkeeping keys (e.g. auto_mapping)."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            json.dump({**self.to_dict(), **extra}, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
+        path = os.path.join(directory, subfolder or "", CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.path.dirname(path)!r} (fastpeft loads local directories)")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value

@@ -1,0 +1,232 @@
+"""LoRA (Hu et al. 2021) and rsLoRA: config, layer, injection rule.
+
+`y = x W^T + b + s * (dropout(x) A^T) B^T` with `A: [r, in]`, `B: [out, r]`, `s = alpha / r`
+(`alpha / sqrt(r)` with rsLoRA). The layer computes it through `ops.lora_linear`: on CUDA one fused
+Triton launch, on CPU the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from fastpeft import inject, ops
+from fastpeft.config import PeftConfig, register_config
+from fastpeft.methods.base import AdapterLayer, BaseTuner
+
+
+@register_config
+@dataclass
+class LoraConfig(PeftConfig):
+    """PEFT's `LoraConfig`: same fields, defaults, validation and JSON keys."""
+
+    PEFT_TYPE: ClassVar[str] = "LORA"
+    UNSUPPORTED_FIELDS: ClassVar[dict[str, Any]] = {
+        "use_dora": False,  # DoRA lands with the AdaLoRA/DoRA issue
+        "lora_bias": False,
+        "layer_replication": None,
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "use_qalora": False,
+        "megatron_config": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "arrow_config": None,
+        "alora_invocation_tokens": None,
+        "use_bdlora": None,
+        "lora_ga_config": None,
+        "monteclora_config": None,
+        "velora_config": None,
+        "kasa_config": None,
+        "runtime_config": None,
+        "ensure_weight_tying": False,
+    }
+    IGNORED_FIELDS: ClassVar[tuple[str, ...]] = (
+        *PeftConfig.IGNORED_FIELDS,
+        "megatron_core",
+        "qalora_group_size",
+        "lora_ga_config",
+    )
+
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names (suffix match), a regex (full match) or 'all-linear'."}
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names never adapted."})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha; scaling = alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Base weight stored [in, out] (GPT-2 Conv1D)."})
+    bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases train."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scaling = alpha / sqrt(r)."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full and saved."})
+    init_lora_weights: bool | Literal["gaussian"] = field(
+        default=True, metadata={"help": "True: A Kaiming-uniform, B zero; 'gaussian': A ~ N(0, 1/r); False: random B."}
+    )
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank by regex."})
+    alpha_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module alpha by regex."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (not implemented yet: raises)."})
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.use_dora:
+            raise NotImplementedError("use_dora=True: DoRA is not implemented in fastpeft yet")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
+        for key, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] = {r!r}: ranks must be positive integers")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+
+    def rank_and_alpha(self, key: str) -> tuple[int, float]:
+        r = inject.pattern_value(self.rank_pattern, key, self.r)
+        return r, inject.pattern_value(self.alpha_pattern, key, self.lora_alpha)
+
+
+class LoraLinear(AdapterLayer):
+    """An nn.Linear (or GPT-2 Conv1D) with LoRA adapters; PEFT's `lora.Linear` layout."""
+
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+    other_param_names: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, key: str):
+        super().__init__(base_layer)
+        # Conv1D stores its weight [in, out]; the kernel reads it through a transposed view.
+        self.fan_in_fan_out = _is_conv1d(base_layer)
+        weight = base_layer.weight
+        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.update_layer(adapter_name, config, key)
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
+        r, alpha = config.rank_and_alpha(key)
+        weight = self.base_layer.weight
+        # Adapters live in fp32 even on a 16-bit base (PEFT's autocast_adapter_dtype); forward casts.
+        a = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=torch.float32)
+        b = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=torch.float32)
+        if config.init_lora_weights is True:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+        elif config.init_lora_weights == "gaussian":
+            nn.init.normal_(a.weight, std=1 / r)
+            nn.init.zeros_(b.weight)
+        self.lora_A[adapter_name] = a
+        self.lora_B[adapter_name] = b
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.lora_dropout[adapter_name] = config.lora_dropout
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as `[out, in]` (a view for Conv1D: never a copy)."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """`s * B A` as `[out, in]`, in fp32."""
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return (b.float() @ a.float()) * self.scaling[adapter_name]
+
+    def merge(self, adapter_name: str, safe_merge: bool = False) -> None:
+        with torch.no_grad():
+            weight = self.base_weight()
+            merged = weight + self.get_delta_weight(adapter_name).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+            weight.copy_(merged)
+        self.merged_adapters.append(adapter_name)
+
+    def _unmerge_one(self, adapter_name: str) -> None:
+        with torch.no_grad():
+            weight = self.base_weight()
+            weight -= self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        name = self.active_adapter
+        if self.disable_adapters or self.merged or name is None:
+            return self.base_layer(x, *args, **kwargs)
+        dtype = self.base_layer.weight.dtype
+        return ops.lora_linear(
+            x,
+            self.base_weight(),
+            self.base_layer.bias,
+            self.lora_A[name].weight.to(dtype),
+            self.lora_B[name].weight.to(dtype),
+            self.scaling[name],
+            dropout=self.lora_dropout[name] if self.training else 0.0,
+        )
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.r[n] for n in self.adapters}
+        return f"in={self.in_features}, out={self.out_features}, r={ranks}, {super().extra_repr()}"
+
+
+class LoraModel(BaseTuner):
+    """Injects `LoraLinear` into the targets of a `LoraConfig`; PEFT's `LoraModel`."""
+
+    prefix: ClassVar[str] = "lora_"
+    layer_cls: ClassVar[type[AdapterLayer]] = LoraLinear
+
+    # PEFT's defaults for the architectures fastpeft is tested on, used when target_modules is None.
+    DEFAULT_TARGETS: ClassVar[dict[str, list[str]]] = {
+        "llama": ["q_proj", "v_proj"],
+        "gpt2": ["c_attn"],
+        "bert": ["query", "value"],
+    }
+
+    def targets(self, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+        if config.target_modules is None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            if model_type not in self.DEFAULT_TARGETS:
+                raise ValueError(f"target_modules is required: no default for model type {model_type!r}")
+            config.target_modules = set(self.DEFAULT_TARGETS[model_type])
+        return super().targets(config)
+
+    def _create_layer(self, target: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> LoraLinear:
+        if config.fan_in_fan_out != _is_conv1d(target):  # PEFT corrects the flag to the layer type, loudly
+            warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(target).__name__}: flipped")
+            config.fan_in_fan_out = _is_conv1d(target)
+        return LoraLinear(target, adapter_name, config, key)
+
+    def _update_layer(self, layer: LoraLinear, adapter_name: str, config: LoraConfig, key: str) -> None:
+        layer.update_layer(adapter_name, config, key)
+
+    def _adapter_shapes(self, target: nn.Module, config: LoraConfig, key: str) -> dict[str, tuple[int, ...]]:
+        out_f, in_f = target.weight.shape
+        if _is_conv1d(target):
+            out_f, in_f = in_f, out_f
+        r, _ = config.rank_and_alpha(key)
+        return {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = inject.conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)

@@ -1,0 +1,195 @@
+"""LoRA against real `peft` as the oracle: structure, checkpoints both ways, merge, training."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastpeft
+
+peft = pytest.importorskip("peft")
+
+ARCHS = {
+    "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+    "gpt2": dict(target_modules=["c_attn", "c_fc"]),  # Conv1D: weights stored [in, out]
+    "bert": dict(target_modules=["query", "value", "dense"], exclude_modules=["pooler.dense"]),
+}
+
+
+def lora_kwargs(arch, **extra):
+    return dict(r=4, lora_alpha=8, init_lora_weights=False, **ARCHS[arch], **extra)
+
+
+def peft_model(base, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(base, peft.LoraConfig(**kwargs)).eval()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_same_modules_and_parameters_as_peft(arch, make_model):
+    kwargs = lora_kwargs(arch)
+    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs))
+    theirs = peft_model(make_model(arch), **kwargs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_peft_checkpoint_loads_here(arch, make_model, make_inputs, run_model, tmp_path):
+    theirs = peft_model(make_model(arch), **lora_kwargs(arch))
+    theirs.save_pretrained(tmp_path)
+    ours = fastpeft.PeftModel.from_pretrained(make_model(arch), tmp_path)
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        expected = run_model(theirs, inputs)
+        torch.testing.assert_close(run_model(ours, inputs), expected, rtol=1e-5, atol=1e-5)
+        base = run_model(make_model(arch), inputs)
+    assert not torch.allclose(base, expected, atol=1e-3), "the adapter must change the output"
+    assert not any(p.requires_grad for p in ours.parameters()), "is_trainable=False loads frozen"
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_checkpoint_loads_in_peft(arch, make_model, make_inputs, run_model, tmp_path):
+    kwargs = lora_kwargs(arch, use_rslora=True)
+    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs))
+    ours.save_pretrained(tmp_path / "ours")
+    peft_model(make_model(arch), **kwargs).save_pretrained(tmp_path / "theirs")
+
+    mine, ref = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(tmp_path / "theirs/adapter_model.safetensors")
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in ref.items()}
+    assert peft.PeftConfig.from_pretrained(tmp_path / "ours").to_dict() == peft.PeftConfig.from_pretrained(tmp_path / "theirs").to_dict()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(make_model(arch), tmp_path / "ours").eval()
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        torch.testing.assert_close(run_model(theirs, inputs), run_model(ours.eval(), inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_disable_and_unload_match_peft(arch, make_model, make_inputs, run_model):
+    kwargs = lora_kwargs(arch)
+    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs)).eval()
+    theirs = peft_model(make_model(arch), **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        unmerged = run_model(ours, inputs)
+        torch.testing.assert_close(unmerged, run_model(theirs, inputs), rtol=1e-5, atol=1e-5)
+        with ours.disable_adapter(), theirs.disable_adapter():
+            torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(run_model(ours, inputs), run_model(make_model(arch), inputs))
+        ours.merge_adapter()
+        torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-4, atol=1e-5)
+        ours.unmerge_adapter()
+        torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-5, atol=1e-5)
+        merged = ours.merge_and_unload()
+        assert not any("lora_" in n for n, _ in merged.named_parameters())
+        assert type(merged) is type(make_model(arch))
+        torch.testing.assert_close(run_model(merged, inputs), run_model(theirs.merge_and_unload(), inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_multiple_adapters_switch_like_peft(make_model, make_inputs, run_model, tmp_path):
+    arch = "llama"
+    a = peft_model(make_model(arch), **lora_kwargs(arch))
+    a.save_pretrained(tmp_path / "a")
+    torch.manual_seed(5)
+    b = peft_model(make_model(arch), r=2, lora_alpha=16, init_lora_weights=False, target_modules=["k_proj", "o_proj"])
+    b.save_pretrained(tmp_path / "b")
+    inputs = make_inputs(arch)
+    ours = fastpeft.PeftModel.from_pretrained(make_model(arch), tmp_path / "a", adapter_name="a")
+    ours.load_adapter(tmp_path / "b", adapter_name="b")
+    assert ours.active_adapter == "a"
+    with torch.no_grad():
+        torch.testing.assert_close(run_model(ours, inputs), run_model(a, inputs), rtol=1e-5, atol=1e-5)
+        ours.set_adapter("b")
+        torch.testing.assert_close(run_model(ours, inputs), run_model(b, inputs), rtol=1e-5, atol=1e-5)
+    ours.save_pretrained(tmp_path / "both")
+    assert (tmp_path / "both/adapter_model.safetensors").exists() is False  # no "default" adapter
+    assert json.loads((tmp_path / "both/b/adapter_config.json").read_text())["r"] == 2
+    ours.delete_adapter("b")
+    assert ours.active_adapter == "a" and list(ours.peft_config) == ["a"]
+    assert not any(".b." in n for n, _ in ours.named_parameters())
+
+
+CONFIGS = {
+    "bias_all": dict(target_modules=["q_proj"], bias="all"),
+    "modules_to_save": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    "rank_alpha_pattern": dict(target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3}),
+    "layers_to_transform": dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    "all_linear": dict(target_modules="all-linear", exclude_modules=["o_proj"]),
+    "regex": dict(target_modules=r".*\.1\.self_attn\.(q|k)_proj"),
+    "gaussian_init": dict(target_modules=["v_proj"], init_lora_weights="gaussian"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_semantics_match_peft(name, make_model, make_inputs, run_model, tmp_path):
+    kwargs = dict(r=4, lora_alpha=8, **CONFIGS[name])
+    ours = fastpeft.get_peft_model(make_model("llama"), fastpeft.LoraConfig(**kwargs))
+    theirs = peft_model(make_model("llama"), **kwargs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    }
+    with torch.no_grad():  # make every adapter non-trivial, then round-trip through peft's files
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    loaded = fastpeft.PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(run_model(loaded, inputs), run_model(theirs, inputs), rtol=1e-5, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "again")
+    mine, ref = load_file(tmp_path / "again/adapter_model.safetensors"), load_file(tmp_path / "adapter_model.safetensors")
+    assert mine.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(mine[key], ref[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_step_matches_peft_and_touches_only_adapters(arch, make_model, make_inputs):
+    kwargs = lora_kwargs(arch, lora_dropout=0.0)
+    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs)).train()
+    theirs = peft_model(make_model(arch), **kwargs).train()
+    theirs.load_state_dict(ours.state_dict())
+    inputs = make_inputs(arch)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    for model in (ours, theirs):
+        torch.manual_seed(0)  # GPT-2's own dropouts draw the same masks in both
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+    torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1).step()
+    changed = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_A." in n or ".lora_B." in n for n in changed)
+
+
+def test_sequence_classification_saves_the_head_like_peft(make_model, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def fresh():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(
+            BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+        ).eval()
+
+    kwargs = dict(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False)
+    ours = fastpeft.get_peft_model(fresh(), fastpeft.LoraConfig(**kwargs))
+    theirs = peft_model(fresh(), **kwargs)
+    assert isinstance(ours, fastpeft.PeftModelForSequenceClassification)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert load_file(tmp_path / "ours/adapter_model.safetensors").keys() == load_file(
+        tmp_path / "theirs/adapter_model.safetensors"
+    ).keys()

@@ -60,7 +60,7 @@ def check_fits(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[in
     missing = sorted(k for k in expected if PREFIX + k not in state_dict)
     unexpected = sorted(k for k in state_dict if not k.startswith(PREFIX) or k[len(PREFIX) :] not in expected)
     wrong = [
-        f"{k}: checkpoint {tuple(state_dict[PREFIX + k].shape)} vs model {shape}"
+        f"{PREFIX}{k}: checkpoint {tuple(state_dict[PREFIX + k].shape)} vs model {shape}"
         for k, shape in expected.items()
         if PREFIX + k in state_dict and tuple(state_dict[PREFIX + k].shape) != tuple(shape)
     ]

@@ -72,7 +72,7 @@ def test_checkpoint_loads_in_peft(arch, make_model, make_inputs, run_model, tmp_
         torch.testing.assert_close(run_model(theirs, inputs), run_model(ours.eval(), inputs), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_merge_disable_and_unload_match_peft(arch, make_model, make_inputs, run_model):
     kwargs = lora_kwargs(arch)
     ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs)).eval()
@@ -119,21 +119,28 @@ def test_multiple_adapters_switch_like_peft(make_model, make_inputs, run_model, 
 
 
 CONFIGS = {
-    "bias_all": dict(target_modules=["q_proj"], bias="all"),
-    "modules_to_save": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
-    "rank_alpha_pattern": dict(target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3}),
-    "layers_to_transform": dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[1], layers_pattern="layers"),
-    "all_linear": dict(target_modules="all-linear", exclude_modules=["o_proj"]),
-    "regex": dict(target_modules=r".*\.1\.self_attn\.(q|k)_proj"),
-    "gaussian_init": dict(target_modules=["v_proj"], init_lora_weights="gaussian"),
+    "bias_all": ("gpt2", dict(target_modules=["c_attn"], bias="all")),
+    "bias_lora_only": ("bert", dict(target_modules=["query", "value"], bias="lora_only")),
+    "modules_to_save": ("llama", dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
+    "rank_alpha_pattern": (
+        "llama", dict(target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
+    ),
+    "layers_to_transform": (
+        "llama", dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[1], layers_pattern="layers")
+    ),
+    "all_linear": ("llama", dict(target_modules="all-linear", exclude_modules=["o_proj"])),
+    "all_linear_gpt2": ("gpt2", dict(target_modules="all-linear")),
+    "regex": ("llama", dict(target_modules=r".*\.1\.self_attn\.(q|k)_proj")),
+    "gaussian_init": ("llama", dict(target_modules=["v_proj"], init_lora_weights="gaussian")),
 }
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_config_semantics_match_peft(name, make_model, make_inputs, run_model, tmp_path):
-    kwargs = dict(r=4, lora_alpha=8, **CONFIGS[name])
-    ours = fastpeft.get_peft_model(make_model("llama"), fastpeft.LoraConfig(**kwargs))
-    theirs = peft_model(make_model("llama"), **kwargs)
+    arch, extra = CONFIGS[name]
+    kwargs = dict(r=4, lora_alpha=8, **extra)
+    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs))
+    theirs = peft_model(make_model(arch), **kwargs)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
         n for n, p in theirs.named_parameters() if p.requires_grad
@@ -143,8 +150,8 @@ def test_config_semantics_match_peft(name, make_model, make_inputs, run_model, t
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     theirs.save_pretrained(tmp_path)
-    loaded = fastpeft.PeftModel.from_pretrained(make_model("llama"), tmp_path)
-    inputs = make_inputs("llama")
+    loaded = fastpeft.PeftModel.from_pretrained(make_model(arch), tmp_path)
+    inputs = make_inputs(arch)
     with torch.no_grad():
         torch.testing.assert_close(run_model(loaded, inputs), run_model(theirs, inputs), rtol=1e-5, atol=1e-5)
     loaded.save_pretrained(tmp_path / "again")

@@ -1,0 +1,239 @@
+"""Fused LoRA linear: y = x W^T + b + s (x A^T) B^T, forward and input gradient.
+
+One generic kernel computes
+
+    out[M, P] = inp[M, Q] @ Wt[Q, P] + bias[P] + s (inp @ At[Q, R]) @ Bt[R, P]
+
+from strides alone, so transposes are free and nothing is copied:
+
+  forward  `lora_fwd`:    inp = x  [M, K], Wt = W^T, At = A^T, Bt = B^T, Q = K, P = N, with bias;
+  backward `lora_bwd_dx`: inp = dY [M, N], Wt = W,   At = B,   Bt = A,   Q = N, P = K, no bias
+                          (dX = dY W + s (dY B) A has the same shape of computation).
+
+Fusion: the K-loop that streams each `inp` tile for the base GEMM also accumulates ``inp @ At``
+into an fp32 [BLOCK_M, R_PAD] register tile; the epilogue multiplies it by the [R_PAD, BLOCK_N]
+tile of Bt, so the [M, r] intermediate never goes to HBM. The price is that every column block
+recomputes its row block's ``inp @ At`` (R_PAD / BLOCK_N extra FLOPs), cheap for r << BLOCK_N.
+
+jit code and launchers only: no autograd, no nn (see fastpeft/ops.py).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["lora_fwd", "lora_bwd_dx"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _lora_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr,
+    # sizes: x [M, Q], w [Q, P], a [Q, R], b [R, P], y [M, P]; M_BUCKET only keys the autotuner
+    M, P, Q, R, M_BUCKET,
+    # strides, in elements
+    stride_xm, stride_xq,
+    stride_wq, stride_wp,
+    stride_aq, stride_ar,
+    stride_br, stride_bp,
+    stride_bias,
+    stride_ym, stride_yp,
+    # the LoRA scale s
+    scaling,
+    # meta-parameters
+    R_PAD: tl.constexpr,            # max(16, next_power_of_2(R)): tl.dot needs dims >= 16
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,           # interpreter + bf16: compute in fp32 right after each load
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no tf32), ignored for fp16/bf16
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[M, P] = x[M, Q] @ w[Q, P] + bias[P] + scaling * (x @ a[Q, R]) @ b[R, P], fp32 acc."""
+    # GROUP_M ordering: consecutive programs share column blocks of w, so they stay in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(P, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_n = offs_n < P
+    mask_r = offs_r < R
+
+    # int64 row offsets: M * stride_xm may exceed 2**31 for long prefill batches.
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xq
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wq + offs_n[None, :] * stride_wp
+    a_ptrs = a_ptr + offs_k[:, None] * stride_aq + offs_r[None, :] * stride_ar
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(0, tl.cdiv(Q, BLOCK_K)):
+        mask_k = offs_k < Q - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        xa = tl.dot(x, a, xa, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xq
+        w_ptrs += BLOCK_K * stride_wq
+        a_ptrs += BLOCK_K * stride_aq
+
+    # Epilogue: the LoRA up-projection on the register tile, then bias, then one cast at the store.
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bp
+    b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    if UPCAST:
+        b = b.to(tl.float32)
+    else:
+        xa = xa.to(b.dtype)  # operand dtype, so tl.dot stays on tensor cores for fp16/bf16
+    acc += scaling * tl.dot(xa, b, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yp
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _gpu_configs():
+    """Autotune space on a GPU: small BLOCK_M for decode (M <= 16), larger tiles for prefill."""
+    shapes = [
+        # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        (16, 32, 128, 4, 4),     # decode, narrow columns: more programs for a wide N
+        (16, 64, 128, 4, 4),
+        (16, 128, 64, 4, 4),
+        (32, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),      # prefill
+        (64, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (128, 128, 32, 8, 3),
+        (128, 256, 64, 8, 3),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=nw, num_stages=ns) for bm, bn, bk, nw, ns in shapes]
+
+
+# Interpreter: one fixed small config (it cannot autotune). Large-ish tiles keep the number of
+# Python-emulated programs low; the tests' odd shapes still span several blocks on each axis.
+_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+# The autotuned wrapper of the same kernel, used only on a real GPU. It is keyed on the
+# power-of-two bucket of M rather than M itself so that every new sequence length does not
+# re-tune. Autotune benchmarks on first sight of a key: warm up before CUDA-graph capture.
+_lora_fwd_kernel_tuned = triton.autotune(
+    configs=_gpu_configs(), key=["M_BUCKET", "P", "Q", "R_PAD"])(_lora_fwd_kernel)
+
+
+def _interpreting() -> bool:
+    """True when the kernel was built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_lora_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple, ref: torch.Tensor) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(f"{name}: expected {ref.dtype} on {ref.device}, "
+                         f"got {t.dtype} on {t.device}")
+
+
+def _launch(x, wt, bias, at, bt, scaling, out):
+    """out[M, P] = x[M, Q] @ wt[Q, P] + bias[P] + scaling * (x @ at[Q, R]) @ bt[R, P] (views)."""
+    M, Q = x.shape
+    P, R = wt.shape[1], at.shape[1]
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x: dtype must be float32|float16|bfloat16, got {x.dtype}")
+    if R < 1:
+        raise ValueError(f"rank must be >= 1, got {R}")
+    interpret = _interpreting()
+    if not interpret and not x.is_cuda:
+        raise ValueError(f"x is on {x.device}: Triton kernels need CUDA tensors "
+                         "(or TRITON_INTERPRET=1 set before triton is imported)")
+    if out is None:
+        out = torch.empty((M, P), dtype=x.dtype, device=x.device)
+    else:
+        _check("out", out, (M, P), x)
+    if M == 0 or P == 0:
+        return out
+
+    def _grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(P, meta["BLOCK_N"]),)
+
+    has_bias = bias is not None
+    meta = dict(
+        R_PAD=max(16, triton.next_power_of_2(R)),
+        HAS_BIAS=has_bias,
+        UPCAST=interpret and x.dtype == torch.bfloat16,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+    kernel = _lora_fwd_kernel if interpret else _lora_fwd_kernel_tuned
+    if interpret:
+        meta.update(_INTERPRET_CONFIG)
+    kernel[_grid](
+        x, wt, bias if has_bias else x, at, bt, out,
+        M, P, Q, R, triton.next_power_of_2(M),
+        x.stride(0), x.stride(1),
+        wt.stride(0), wt.stride(1),
+        at.stride(0), at.stride(1),
+        bt.stride(0), bt.stride(1),
+        bias.stride(0) if has_bias else 0,
+        out.stride(0), out.stride(1),
+        float(scaling),
+        **meta,
+    )
+    return out
+
+
+def lora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b + s (x A^T) B^T in one kernel.
+
+    x2d: [M, K] fp32|fp16|bf16 any strides; weight: [N, K] x2d.dtype any strides (e.g.
+    ``Conv1D.weight.T``, read in place); bias: [N] x2d.dtype or None; lora_A: [r, K] x2d.dtype;
+    lora_B: [N, r] x2d.dtype; scaling: float; out: [M, N] x2d.dtype any strides, or None to
+    allocate -> out, [M, N] x2d.dtype. fp32 accumulation; fp32 inputs use IEEE dots (no tf32).
+    """
+    if x2d.dim() != 2:
+        raise ValueError(f"x2d: expected [M, K], got {list(x2d.shape)}")
+    (M, K), N, r = x2d.shape, weight.shape[0], lora_A.shape[0]
+    _check("weight", weight, (N, K), x2d)
+    _check("lora_A", lora_A, (r, K), x2d)
+    _check("lora_B", lora_B, (N, r), x2d)
+    if bias is not None:
+        _check("bias", bias, (N,), x2d)
+    return _launch(x2d, weight.t(), bias, lora_A.t(), lora_B.t(), scaling, out)
+
+
+def lora_bwd_dx(dy2d: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """dX = dY W + s (dY B) A, the input gradient of `lora_fwd`, with the same kernel.
+
+    dy2d: [M, N] fp32|fp16|bf16 any strides (stride 0 from an expanded grad is fine); weight:
+    [N, K] dy2d.dtype any strides; lora_A: [r, K] dy2d.dtype; lora_B: [N, r] dy2d.dtype;
+    scaling: float; out: [M, K] dy2d.dtype any strides, or None -> out, [M, K] dy2d.dtype.
+    """
+    if dy2d.dim() != 2:
+        raise ValueError(f"dy2d: expected [M, N], got {list(dy2d.shape)}")
+    (M, N), K, r = dy2d.shape, weight.shape[1], lora_A.shape[0]
+    _check("weight", weight, (N, K), dy2d)
+    _check("lora_A", lora_A, (r, K), dy2d)
+    _check("lora_B", lora_B, (N, r), dy2d)
+    return _launch(dy2d, weight, None, lora_B, lora_A, scaling, out)

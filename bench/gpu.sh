@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The one script a lent GPU machine runs, in a single call, in under 8 minutes:
+#   1. install fastpeft against the machine's own torch/triton/transformers/peft (no registry);
+#   2. the gpu-marked tests on real CUDA (TRITON_INTERPRET=0: compiled kernels, bf16 included);
+#   3. `fastpeft bench --out bench-out` (CUDA shapes).
+# Every step has its own timeout and a failing step does not stop the next. The last thing
+# printed is the card, date, commit, step statuses and the bench's Markdown table: paste that
+# block into bench/RESULTS.md. If $OUT is set (the device runner's output folder), bench-out/
+# and the logs are copied there.
+#
+# usage: bash bench/gpu.sh [OUT_DIR]        (default OUT_DIR: bench-out)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+BENCH_OUT=${1:-bench-out}
+case $BENCH_OUT in /*) ;; *) BENCH_OUT="$ROOT/$BENCH_OUT" ;; esac
+LOGS=$(mktemp -d)
+export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+PY=${PYTHON:-python}
+
+# budgets in seconds (+10 s kill grace each): 60 + 60 + 150 + 150 + 40 = 460 s < 8 min
+T_INSTALL=60 T_INFO=60 T_TESTS=150 T_BENCH=150
+
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
+card=${card:-"unknown (nvidia-smi failed)"}
+commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null) || commit="unknown (no git)"
+when=$(date -u '+%Y-%m-%d %H:%M UTC')
+echo "== fastpeft gpu run: $card, $when, commit $commit"
+
+step() {  # step NAME SECONDS CMD...: run with a timeout, log to $LOGS/NAME.log, echo its status
+    local name=$1 secs=$2; shift 2
+    local t0=$SECONDS rc
+    timeout -k 10 "$secs" "$@" >"$LOGS/$name.log" 2>&1
+    rc=$?
+    local how="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then how="TIMEOUT after ${secs}s"
+    elif [ "$rc" -eq 5 ] && [ "$name" = tests ]; then how="no tests collected"
+    elif [ "$rc" -ne 0 ]; then how="FAILED (exit $rc)"; fi
+    echo "== $name: $how, $((SECONDS - t0)) s"
+    return "$rc"
+}
+
+# 1. install: no deps, no build isolation, no index: the machine's own packages only.
+step install "$T_INSTALL" "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
+rc_install=$?
+RUN_DIR=$ROOT
+if [ "$rc_install" -eq 0 ]; then
+    if command -v fastpeft >/dev/null 2>&1; then FASTPEFT=(fastpeft); else FASTPEFT=("$PY" -m fastpeft); fi
+else
+    # Fallback (e.g. a setuptools too old for this pyproject): import the tree in place through
+    # a shadow package whose `kernels` entry maps kernels/ to fastpeft.kernels, run from there.
+    tail -n 12 "$LOGS/install.log"
+    SHADOW=$(mktemp -d)
+    mkdir "$SHADOW/fastpeft"
+    for f in "$ROOT"/fastpeft/*; do ln -s "$f" "$SHADOW/fastpeft/"; done
+    ln -s "$ROOT/kernels" "$SHADOW/fastpeft/kernels"
+    RUN_DIR=$SHADOW
+    FASTPEFT=("$PY" -m fastpeft)
+    echo "== install failed: running fastpeft from the tree via $SHADOW"
+fi
+cd "$RUN_DIR"
+step info "$T_INFO" "${FASTPEFT[@]}" info
+cat "$LOGS/info.log"
+
+# 2. GPU tests (exit 5 = none collected).
+if [ "$RUN_DIR" = "$ROOT" ]; then
+    step tests "$T_TESTS" "$PY" -m pytest -m gpu -q tests
+else
+    step tests "$T_TESTS" "$PY" -m pytest -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -m gpu -q "$ROOT/tests"
+fi
+rc_tests=$?
+tail -n 25 "$LOGS/tests.log"
+case $rc_tests in
+    0) if grep -q ' passed' "$LOGS/tests.log"; then tests_status="passed"
+       else tests_status="nothing ran"; fi ;;
+    5) tests_status="no gpu tests collected" ;;
+    124|137) tests_status="TIMEOUT after ${T_TESTS}s" ;;
+    *) tests_status="FAILED (exit $rc_tests)" ;;
+esac
+tests_line=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$LOGS/tests.log" | tail -n1)
+
+# 3. the bench: table on stdout, progress bar and notes on stderr.
+t0=$SECONDS
+timeout -k 10 "$T_BENCH" "${FASTPEFT[@]}" bench --device cuda --no-progress --out "$BENCH_OUT" \
+    >"$LOGS/bench.md" 2>"$LOGS/bench.err"
+rc_bench=$?
+echo "== bench: exit $rc_bench, $((SECONDS - t0)) s"
+[ "$rc_bench" -ne 0 ] && tail -n 30 "$LOGS/bench.err"
+
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+    mkdir -p "$OUT/logs" && cp "$LOGS"/* "$OUT/logs/" 2>/dev/null
+    [ -d "$BENCH_OUT" ] && cp -r "$BENCH_OUT" "$OUT/" 2>/dev/null
+fi
+
+# Last: the block to record in bench/RESULTS.md.
+echo
+echo "### $card — $when — commit $commit"
+echo
+echo "- install: $([ "$rc_install" -eq 0 ] && echo ok || echo "FAILED (exit $rc_install)")"
+echo "- gpu tests (\`pytest -m gpu\`): $tests_status${tests_line:+ — $tests_line}"
+echo "- bench: $([ "$rc_bench" -eq 0 ] && echo ok || echo "FAILED (exit $rc_bench)")"
+echo
+cat "$LOGS/bench.md"
+
+if [ "$rc_install" -ne 0 ] || [ "$rc_bench" -ne 0 ] || { [ "$rc_tests" -ne 0 ] && [ "$rc_tests" -ne 5 ]; }; then
+    exit 1
+fi

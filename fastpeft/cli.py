@@ -1,0 +1,106 @@
+"""The `fastpeft` command: `fastpeft info` and `fastpeft bench` (also `python -m fastpeft`).
+
+`main(argv)` returns the exit status instead of exiting, so tests call it in-process:
+0 on success, 2 for bad input (unknown option, unusable --device or --out), found before any
+timing starts; 1 when a run fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastpeft",
+        description="fastpeft: fused Triton kernels for PEFT. Inspect this machine or measure "
+                    "the LoRA inference latency penalty on it.")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench}")
+    sub.add_parser("info", help="device, the backend fastpeft.ops picks, package versions")
+    b = sub.add_parser(
+        "bench", help="LoRA latency penalty of one linear layer on this device",
+        description="Time base F.linear, merged W+sBA, PEFT's eager unfused LoRA, real peft's "
+                    "LoraLayer and fastpeft.ops.lora_linear at decode and prefill M; print a "
+                    "Markdown table (and with --out write results.json, results.md, plot.png).")
+    b.add_argument("--out", metavar="DIR", help="write results.json, results.md and plot.png here")
+    b.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a benchmark")
+    b.add_argument("--device", choices=("cpu", "cuda"),
+                   help="where to run (default: cuda when available, else cpu)")
+    b.add_argument("--threads", type=int, metavar="N",
+                   help="CPU only: torch intra-op threads while timing (default 1)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def _info() -> int:
+    import torch
+
+    from fastpeft import bench
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = bench.describe_device(device)
+    backend = bench.ops_backend(device)
+    env = {k: os.environ.get(k) or "unset" for k in ("FASTPEFT_BACKEND", "TRITON_INTERPRET")}
+    lines = [f"device:   {dev['summary']}"]
+    if device == "cuda" and dev["count"] > 1:
+        lines.append(f"          ({dev['count']} CUDA devices visible; this is the current one)")
+    lines.append(f"backend:  {backend}  (what fastpeft.ops picks for tensors on {device}; "
+                 + ", ".join(f"{k}={v}" for k, v in env.items()) + ")")
+    import fastpeft
+
+    for name, version in bench.package_versions().items():
+        where = f"  ({os.path.dirname(fastpeft.__file__)})" if name == "fastpeft" else ""
+        lines.append(f"{name + ':':<14}{version}{where}")
+    print("\n".join(lines))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fastpeft import bench
+
+    # Everything that can be wrong with the input is found here, before any timing starts.
+    try:
+        device = bench.check_device(args.device)
+        if args.threads is not None and args.threads < 1:
+            raise bench.BenchError(f"--threads must be >= 1, got {args.threads}")
+        out = bench.prepare_out(args.out) if args.out else None
+    except bench.BenchError as e:
+        print(f"fastpeft bench: error: {e}", file=sys.stderr)
+        return 2
+    if device == "cuda" and bench._interpreting():
+        print("fastpeft bench: warning: TRITON_INTERPRET is on, so Triton kernels run in the "
+              "interpreter: the fastpeft row will not show kernel speed", file=sys.stderr)
+
+    if args.threads is not None and device != "cpu":
+        print("fastpeft bench: note: --threads only applies to --device cpu", file=sys.stderr)
+    result = bench.run(device, quick=args.quick, progress=not args.no_progress,
+                       threads=args.threads)
+    table = bench.format_table(result)
+    if out is not None:
+        for note in bench.write_outputs(result, out):
+            print(f"fastpeft bench: {note}", file=sys.stderr)
+        print(f"fastpeft bench: wrote {out}/results.json, results.md"
+              + (", plot.png" if (out / "plot.png").exists() else ""), file=sys.stderr)
+    print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed the usage error (or --help)
+        return e.code if isinstance(e.code, int) else 2
+    if args.command == "info":
+        return _info()
+    if args.command == "bench":
+        return _bench(args)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The `fastpeft` command: `info`, `bench --quick` and its outputs, and bad input.
+
+In-process through `fastpeft.cli.main` (fast), plus one subprocess check of the entry points.
+Never asserts on speed: only that every number is there, finite and positive.
+"""
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastpeft import bench
+from fastpeft.cli import main
+
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    """Bad input must be refused before any timing starts: make starting one fail the test."""
+    def boom(*args, **kwargs):
+        raise AssertionError("bench.run started although the input was bad")
+
+    monkeypatch.setattr(bench, "run", boom)
+
+
+def test_info_names_device_backend_and_versions(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"device:   {device}" in out
+    from fastpeft import ops
+
+    assert f"backend:  {ops.resolve_backend(torch.empty(0, device=device))} " in out
+    for name in ("python", "torch", "triton", "transformers", "peft", "bitsandbytes"):
+        assert f"\n{name}:" in out
+    assert torch.__version__ in out
+
+
+def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
+    out = tmp_path / "new" / "bench-out"  # parents are created
+    threads = torch.get_num_threads()
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # the CPU thread setting is restored
+    std = capsys.readouterr()
+
+    result = json.loads((out / "results.json").read_text())
+    assert result["device"]["type"] == "cpu"
+    assert result["versions"]["torch"] == torch.__version__
+    ms = result["shapes"]["ms"]
+    rows = result["rows"]
+    assert {(r["impl"], r["m"]) for r in rows} == {(i, m) for i in bench.IMPLS for m in ms}
+    for r in rows:
+        if r["impl"] == "peft" and not HAS_PEFT:
+            assert r["status"] == "not installed" and r["median_us"] is None
+            continue
+        assert r["status"] == "ok", r
+        for key in ("median_us", "min_us", "max_us", "penalty"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["min_us"] <= r["median_us"] <= r["max_us"]
+        assert r["samples"] >= 5
+    assert all(r["penalty"] == 1.0 for r in rows if r["impl"] == "base")
+
+    md = (out / "results.md").read_text()
+    summary = result["device"]["summary"]
+    assert summary in md and summary in std.out  # every table names its device
+    table = [line for line in std.out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows)  # header + one line per (M, implementation)
+    if HAS_MPL:
+        assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not (out / "plot.png").exists() and "matplotlib is not installed" in std.err
+
+
+def test_bench_without_peft_or_matplotlib_says_so_never_a_number(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)        # `import peft` now fails
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "out"
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    peft_rows = [r for r in rows if r["impl"] == "peft"]
+    assert peft_rows and all(r["status"] == "not installed" and r["median_us"] is None
+                             and r["penalty"] is None for r in peft_rows)
+    assert "| peft LoraLayer | not installed |" in (out / "results.md").read_text()
+    assert all(r["status"] == "ok" for r in rows if r["impl"] != "peft")
+    assert not (out / "plot.png").exists() and "matplotlib is not installed" in err
+
+
+def test_bench_stdout_only_without_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick", "--device", "cpu", "--no-progress"]) == 0
+    assert "| M | implementation |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["under_a_file", "is_a_file"])
+def test_bench_bad_out_dir_fails_before_timing(tmp_path, capsys, no_timing, kind):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    target = afile / "sub" if kind == "under_a_file" else afile
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and str(target) in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_cuda_without_cuda_fails_before_timing(capsys, no_timing):
+    assert main(["bench", "--quick", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--bogus"], "unrecognized arguments: --bogus"),
+    (["bench", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["bench", "--threads", "0"], "--threads must be >= 1"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_exit_nonzero_with_message(capsys, no_timing, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "usage: fastpeft" in capsys.readouterr().err
+
+
+def _console_script():
+    found = Path(sys.executable).with_name("fastpeft")
+    return str(found) if found.exists() else shutil.which("fastpeft")
+
+
+@pytest.mark.parametrize("entry", ["python -m fastpeft", "fastpeft"])
+def test_entry_points_run_in_a_subprocess(tmp_path, entry):
+    if entry == "fastpeft":
+        script = _console_script()
+        if script is None:
+            pytest.skip("the fastpeft console script is not installed next to this python")
+        cmd = [script]
+    else:
+        cmd = [sys.executable, "-m", "fastpeft"]
+    done = subprocess.run(cmd + ["info"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert "device:" in done.stdout and "backend:" in done.stdout
+    bad = subprocess.run(cmd + ["bench", "--bogus"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ))
+    assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr

@@ -68,8 +68,7 @@ class AdapterLayer(nn.Module):
                 modules[adapter_name].load_state_dict(sub, strict=True)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the weights: unmerge it before deleting it")
+        """Drop one adapter (the tuner refuses merged ones before calling this)."""
         for layer_name in self.adapter_layer_names:
             modules = getattr(self, layer_name)
             if adapter_name in modules:

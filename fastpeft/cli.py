@@ -21,10 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{info,bench}")
     sub.add_parser("info", help="device, the backend fastpeft.ops picks, package versions")
     b = sub.add_parser(
-        "bench", help="LoRA latency penalty of one linear layer on this device",
-        description="Time base F.linear, merged W+sBA, PEFT's eager unfused LoRA, real peft's "
-                    "LoraLayer and fastpeft.ops.lora_linear at decode and prefill M; print a "
-                    "Markdown table (and with --out write results.json, results.md, plot.png).")
+        "bench", help="the inference latency penalty of PEFT methods on this device",
+        description="Kernels: time base F.linear, merged W+sBA, PEFT's eager unfused LoRA, real "
+                    "peft's LoraLayer and fastpeft.ops.lora_linear at decode and prefill M. "
+                    "Methods: every method in a whole model (prefill, decode) against the bare "
+                    "model, fastpeft and real peft side by side. Prints Markdown tables (and "
+                    "with --out writes results.json, results.md, plot.png).")
     b.add_argument("--out", metavar="DIR", help="write results.json, results.md and plot.png here")
     b.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a benchmark")
     b.add_argument("--device", choices=("cpu", "cuda"),
@@ -32,7 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, metavar="N",
                    help="CPU only: torch intra-op threads while timing (default 1)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.add_argument("--sections", type=_names, metavar="A,B",
+                   help="comma-separated subset of: kernels, methods (default: both)")
+    b.add_argument("--methods", type=_names, metavar="A,B",
+                   help="comma-separated methods for the methods section (default: all)")
+    b.add_argument("--model", metavar="PATH",
+                   help="a local transformers model for the methods section (default: a seeded "
+                        "Llama sized for the device)")
     return p
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _info() -> int:
@@ -66,19 +79,24 @@ def _bench(args: argparse.Namespace) -> int:
         device = bench.check_device(args.device)
         if args.threads is not None and args.threads < 1:
             raise bench.BenchError(f"--threads must be >= 1, got {args.threads}")
+        sections = bench.check_sections(args.sections)
+        names = bench.methods.check_methods(args.methods)
         out = bench.prepare_out(args.out) if args.out else None
+        model = None
+        if args.model and "methods" in sections:
+            model = bench.methods.load_model(args.model, device, args.quick)
     except bench.BenchError as e:
         print(f"fastpeft bench: error: {e}", file=sys.stderr)
         return 2
-    if device == "cuda" and bench._interpreting():
+    if device == "cuda" and bench.interpreting():
         print("fastpeft bench: warning: TRITON_INTERPRET is on, so Triton kernels run in the "
               "interpreter: the fastpeft row will not show kernel speed", file=sys.stderr)
 
     if args.threads is not None and device != "cpu":
         print("fastpeft bench: note: --threads only applies to --device cpu", file=sys.stderr)
     result = bench.run(device, quick=args.quick, progress=not args.no_progress,
-                       threads=args.threads)
-    table = bench.format_table(result)
+                       threads=args.threads, sections=sections, method_names=names, model=model)
+    table = bench.format_tables(result)
     if out is not None:
         for note in bench.write_outputs(result, out):
             print(f"fastpeft bench: {note}", file=sys.stderr)

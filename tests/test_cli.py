@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastpeft import bench
+from fastpeft.bench import layer, methods
 from fastpeft.cli import main
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
@@ -54,9 +55,9 @@ def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
     result = json.loads((out / "results.json").read_text())
     assert result["device"]["type"] == "cpu"
     assert result["versions"]["torch"] == torch.__version__
-    ms = result["shapes"]["ms"]
-    rows = result["rows"]
-    assert {(r["impl"], r["m"]) for r in rows} == {(i, m) for i in bench.IMPLS for m in ms}
+    ms = result["kernels"]["shapes"]["ms"]
+    rows = result["kernels"]["rows"]
+    assert {(r["impl"], r["m"]) for r in rows} == {(i, m) for i in layer.IMPLS for m in ms}
     for r in rows:
         if r["impl"] == "peft" and not HAS_PEFT:
             assert r["status"] == "not installed" and r["median_us"] is None
@@ -72,7 +73,20 @@ def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
     summary = result["device"]["summary"]
     assert summary in md and summary in std.out  # every table names its device
     table = [line for line in std.out.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + len(rows)  # header + one line per (M, implementation)
+    method_rows = result["methods"]["rows"]
+    assert len(table) == 2 + len(rows) + len(method_rows)  # two headers, one line per row
+    phases = {r["phase"] for r in method_rows}
+    assert len(phases) == 3  # prefill, decode at two batch sizes
+    timed = {(r["method"], r["impl"], r["phase"]) for r in method_rows if r["status"] == "ok"}
+    expected = {("base", "base", p) for p in phases} | {(m, "fastpeft", p) for m in methods.METHODS for p in phases}
+    if HAS_PEFT:
+        expected |= {(m, "peft", p) for m in methods.METHODS for p in phases}
+    assert expected <= timed, expected - timed
+    for r in method_rows:
+        if r["status"] == "ok":
+            assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("median_us", "min_us", "max_us", "penalty")), r
+        if r["impl"] == "fastpeft":
+            assert r["trainable"] > 0 and 0 < r["trainable_pct"] < 100
     if HAS_MPL:
         assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
@@ -85,18 +99,20 @@ def test_bench_without_peft_or_matplotlib_says_so_never_a_number(tmp_path, capsy
     out = tmp_path / "out"
     assert main(["bench", "--quick", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    peft_rows = [r for r in rows if r["impl"] == "peft"]
+    result = json.loads((out / "results.json").read_text())
+    rows = result["kernels"]["rows"] + result["methods"]["rows"]
+    peft_rows = [r for r in rows if r["impl"].startswith("peft")]
     assert peft_rows and all(r["status"] == "not installed" and r["median_us"] is None
                              and r["penalty"] is None for r in peft_rows)
-    assert "| peft LoraLayer | not installed |" in (out / "results.md").read_text()
-    assert all(r["status"] == "ok" for r in rows if r["impl"] != "peft")
+    md = (out / "results.md").read_text()
+    assert "| peft LoraLayer | not installed |" in md and "| lora | peft | not installed |" in md
+    assert all(r["status"] == "ok" for r in rows if not r["impl"].startswith("peft"))
     assert not (out / "plot.png").exists() and "matplotlib is not installed" in err
 
 
 def test_bench_stdout_only_without_out(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["bench", "--quick", "--device", "cpu", "--no-progress"]) == 0
+    assert main(["bench", "--quick", "--device", "cpu", "--no-progress", "--sections", "kernels"]) == 0
     assert "| M | implementation |" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
 
@@ -121,6 +137,9 @@ def test_bench_cuda_without_cuda_fails_before_timing(capsys, no_timing):
     (["bench", "--bogus"], "unrecognized arguments: --bogus"),
     (["bench", "--device", "tpu"], "invalid choice: 'tpu'"),
     (["bench", "--threads", "0"], "--threads must be >= 1"),
+    (["bench", "--methods", "lora,nope"], "--methods: unknown ['nope']"),
+    (["bench", "--sections", "kernels,gpus"], "--sections: unknown ['gpus']"),
+    (["bench", "--model", "/nonexistent/model"], "--model /nonexistent/model: cannot load it"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_arguments_exit_nonzero_with_message(capsys, no_timing, argv, message):

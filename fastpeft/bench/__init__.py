@@ -1,0 +1,84 @@
+"""`fastpeft bench`: the inference latency penalty of PEFT methods, measured on this device.
+
+Two sections, each compared against real peers in the same run:
+  kernels  one LoRA linear layer: base GEMM, merged, PEFT's eager recipe, peft, fastpeft (layer.py);
+  methods  every method in a whole model: prefill and decode against the bare model (methods.py).
+Timing: on CUDA `triton.testing.do_bench` (device time, warm-up excluded, L2 flushed); on the
+CPU wall clock sampled in turn, median and min-max (timing.py). Every table names its device.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from fastpeft.bench import layer, methods
+from fastpeft.bench.env import BenchError, check_device, describe_device, interpreting, ops_backend, package_versions, prepare_out
+from fastpeft.bench.report import format_tables, write_outputs
+from fastpeft.bench.timing import Progress
+
+SECTIONS = ("kernels", "methods")
+
+__all__ = [
+    "SECTIONS", "BenchError", "check_device", "check_sections", "describe_device", "format_tables",
+    "interpreting", "ops_backend", "package_versions", "prepare_out", "run", "write_outputs",
+]
+
+
+def check_sections(names: list[str] | None) -> list[str]:
+    if not names:
+        return list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise BenchError(f"--sections: unknown {unknown}; known: {list(SECTIONS)}")
+    return names
+
+
+def run(
+    device: str,
+    quick: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+    sections: list[str] | None = None,
+    method_names: list[str] | None = None,
+    model=None,
+) -> dict:
+    """Run the sections on `device`; returns the JSON-able result.
+
+    `model` is the methods section's base model (default: the seeded Llama sized for `device`).
+    On the CPU, torch runs `threads` intra-op threads (default 1, like torch.utils.benchmark:
+    stable and comparable across machines); the previous setting is restored afterwards.
+    """
+    sections = check_sections(sections)
+    names = methods.check_methods(method_names)
+    before = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(threads or 1)
+    try:
+        total = (layer.steps(quick, device) if "kernels" in sections else 0) + (
+            methods.steps(names, device, quick) if "methods" in sections else 0
+        )
+        bar = Progress(total, enabled=progress)
+        result = {
+            "device": describe_device(device),
+            "versions": package_versions(),
+            "ops_backend": ops_backend(device),
+            "env": {k: os.environ.get(k) for k in ("FASTPEFT_BACKEND", "TRITON_INTERPRET")},
+            "quick": quick,
+            "timing": (
+                "triton.testing.do_bench (device time, L2 flushed before each run, warm-up excluded)"
+                if device == "cuda"
+                else "time.perf_counter, warm-up excluded, cases sampled in turn"
+            ),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
+        if "kernels" in sections:
+            result["kernels"] = layer.run(device, quick, bar)
+        if "methods" in sections:
+            base = model if model is not None else methods.load_model(None, device, quick)
+            result["methods"] = methods.run(device, quick, bar, names, base)
+        bar.close()
+        return result
+    finally:
+        torch.set_num_threads(before)

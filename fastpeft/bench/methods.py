@@ -1,0 +1,249 @@
+"""The methods section: each PEFT method's inference latency penalty in a whole model.
+
+A Llama-shaped model built from a config (random weights, fixed seed, sized by the device), or a
+local transformers model (`--model PATH`), is timed bare (the base), then with each method's
+adapter injected by fastpeft and, where installed, by real peft (unmerged, and merged when the
+method can merge). The same config call builds both libraries' configs: the API is the same.
+
+Phases: prefill (batch x sequence, one forward) and decode (one token per step on a KV cache that
+the method's own prefill filled, batch 1 and 16; the cache is cropped back after every step so
+each step sees the same context). The penalty is a case's median over the base model's median in
+the same phase of the same run.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from fastpeft.bench.env import BenchError
+from fastpeft.bench.timing import Progress, time_cpu, time_cuda
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """`config(lib)` builds the method's config with `lib` = fastpeft or peft (same API)."""
+
+    config: Callable[[Any], Any]
+    mergeable: bool
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method(lambda lib: lib.LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_LINEARS), True),
+    "rslora": Method(
+        lambda lib: lib.LoraConfig(r=16, lora_alpha=32, use_rslora=True, target_modules=["q_proj", "v_proj"]), True
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The generated Llama and the phases' sizes."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    prefill: tuple[int, int]  # batch, sequence
+    decode_batches: tuple[int, ...]
+    context: int  # tokens in the cache before a decode step
+    dtype: str
+    budget_s: float  # CPU: seconds of samples per phase, all cases sampled in turn
+
+
+def model_shape(device: str, quick: bool) -> ModelShape:
+    """GPU: about 1.1B parameters (hidden 2048, 16 layers), bf16. CPU: small enough that the
+    default run ends in about two minutes. --quick: tiny, for the CI smoke test."""
+    if quick:
+        return ModelShape(64, 2, 4, 2, 128, 128, (2, 16), (1, 4), 16, "float32", 0.02)
+    if device == "cuda":
+        return ModelShape(2048, 16, 32, 8, 8192, 32000, (4, 512), (1, 16), 512, "bfloat16", 0.0)
+    return ModelShape(256, 4, 8, 4, 688, 2048, (2, 128), (1, 16), 64, "float32", 0.3)
+
+
+def check_methods(names: list[str] | None) -> list[str]:
+    """The methods to run (default: all); BenchError names the unknown ones and the known ones."""
+    if not names:
+        return list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise BenchError(f"--methods: unknown {unknown}; known: {sorted(METHODS)}")
+    return names
+
+
+def load_model(path: str | None, device: str, quick: bool):
+    """The base model: a local transformers model, or a seeded Llama from `model_shape`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    s = model_shape(device, quick)
+    dtype = getattr(torch, s.dtype)
+    if path is None:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+            num_key_value_heads=s.kv_heads, intermediate_size=s.intermediate, vocab_size=s.vocab,
+            max_position_embeddings=4096,
+        )
+        with torch.device(device):  # initialise in place: a 1B model is slow to init on a CPU
+            return LlamaForCausalLM(config).to(dtype=dtype).eval()
+    try:
+        config = AutoConfig.from_pretrained(path)
+        auto = AutoModelForCausalLM if getattr(config, "is_decoder", False) or config.architectures and any(
+            a.endswith("ForCausalLM") for a in config.architectures
+        ) else AutoModel
+        return auto.from_pretrained(path, dtype=dtype).to(device).eval()
+    except Exception as e:  # noqa: BLE001  (any failure to load is the user's input problem)
+        raise BenchError(f"--model {path}: cannot load it with transformers ({type(e).__name__}: {e})") from e
+
+
+@dataclass
+class Row:
+    method: str  # "base" for the bare model
+    impl: str  # "base", "fastpeft", "peft", "peft merged"
+    phase: str  # "prefill BxS" or "decode bN"
+    status: str = "ok"
+    median_us: float | None = None
+    min_us: float | None = None
+    max_us: float | None = None
+    samples: int | None = None
+    penalty: float | None = None
+    trainable: int | None = None
+    trainable_pct: float | None = None
+    peak_mem_mib: float | None = None
+
+
+@dataclass
+class Case:
+    model: Any  # None when there is nothing to time; `status` says why
+    status: str = "ok"
+    counts: tuple[int, int] | None = None  # (trainable, all) parameters, before freezing
+
+
+def _cases(base, names: list[str]) -> dict[tuple[str, str], Case]:
+    """(method, impl) -> Case; peft rows without a model say why (not installed, error)."""
+    import fastpeft
+
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    cases = {("base", "base"): Case(base)}
+    for name in names:
+        method = METHODS[name]
+        for impl, lib in (("fastpeft", fastpeft), ("peft", peft)):
+            if lib is None:
+                cases[(name, impl)] = Case(None, "not installed")
+                if method.mergeable:
+                    cases[(name, "peft merged")] = Case(None, "not installed")
+                continue
+            try:
+                model = lib.get_peft_model(copy.deepcopy(base), method.config(lib)).eval()
+                counts = model.get_nb_trainable_parameters()
+                _make_nontrivial(model)
+            except Exception as e:  # noqa: BLE001  (one broken method must not sink the run)
+                cases[(name, impl)] = Case(None, f"error: {type(e).__name__}: {e}")
+                continue
+            cases[(name, impl)] = Case(model, counts=counts)
+            if impl == "peft" and method.mergeable:
+                cases[(name, "peft merged")] = Case(copy.deepcopy(model).merge_and_unload().eval(), counts=counts)
+    return cases
+
+
+def _make_nontrivial(model) -> None:
+    """Give every adapter parameter random values: zero-initialised factors would let a lazy
+    implementation skip work that a trained adapter needs."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                noise = torch.randn(param.shape, generator=g) * 0.02
+                param.add_(noise.to(device=param.device, dtype=param.dtype))
+            param.requires_grad_(False)
+
+
+def _prefill_fn(model, ids, mask) -> Callable[[], object]:
+    return lambda: model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+
+def _decode_fn(model, ids, mask) -> Callable[[], object]:
+    """One decode step after the model's own prefill (prompt methods fill the cache with their
+    virtual tokens or prefixes there); the step runs the adapted inner model on the cache."""
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    cache = out.past_key_values
+    length = cache.get_seq_length()
+    token = out.logits[:, -1:].argmax(-1)
+    step_mask = torch.ones(ids.shape[0], length + 1, dtype=mask.dtype, device=ids.device)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def step():
+        inner(input_ids=token, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+        cache.crop(-1)  # drop the token just appended (negative: works on old and new caches)
+
+    return step
+
+
+def steps(names: list[str], device: str, quick: bool) -> int:
+    s = model_shape(device, quick)
+    per_phase = 1 + sum(2 + METHODS[n].mergeable for n in names)
+    return per_phase * (1 + len(s.decode_batches))
+
+
+def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict:
+    """Time the base model and every (method, impl) in every phase: {"shape", "rows"}."""
+    s = model_shape(device, quick)
+    is_causal = hasattr(base, "generate") and base.can_generate()
+    cases = _cases(base, names)
+    rows: list[Row] = []
+    phases: list[tuple[str, int, int, Callable]] = [(f"prefill {s.prefill[0]}x{s.prefill[1]}", *s.prefill, _prefill_fn)]
+    phases += [(f"decode b{b}", b, s.context, _decode_fn) for b in s.decode_batches]
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for phase, batch, seq, make in phases:
+            ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+            mask = torch.ones_like(ids)
+            here = {key: Row(key[0], key[1], phase, case.status) for key, case in cases.items()}
+            rows.extend(here.values())
+            calls = {}
+            for key, case in cases.items():
+                model = case.model
+                if model is None:
+                    continue
+                if make is _decode_fn and not is_causal:
+                    here[key].status = "n/a: not a generative model"
+                    continue
+                try:
+                    calls[key] = make(model, ids, mask)
+                    calls[key]()
+                except Exception as e:  # noqa: BLE001
+                    here[key].status = f"error: {type(e).__name__}: {e}"
+                    calls.pop(key, None)
+            stats = {}
+            if device == "cuda":
+                for key, call in calls.items():
+                    bar.step(f"{phase} {key[0]} {key[1]}")
+                    torch.cuda.reset_peak_memory_stats()
+                    stats[key] = time_cuda(call, quick)[:4]
+                    here[key].peak_mem_mib = torch.cuda.max_memory_allocated() / 2**20
+                bar.step(phase, len(cases) - len(calls))
+            else:
+                stats = time_cpu(calls, s.budget_s) if calls else {}
+                bar.step(phase, len(cases))
+            for key, (median, lo, hi, n) in stats.items():
+                row = here[key]
+                row.median_us, row.min_us, row.max_us, row.samples = median * 1e6, lo * 1e6, hi * 1e6, n
+            base_row = here[("base", "base")]
+            for key, row in here.items():
+                if row.median_us is not None and base_row.median_us:
+                    row.penalty = row.median_us / base_row.median_us
+                if cases[key].counts is not None:
+                    trainable, total = cases[key].counts
+                    row.trainable, row.trainable_pct = trainable, 100 * trainable / total
+    return {"shape": asdict(s), "model": type(base).__name__, "rows": [asdict(r) for r in rows]}
+

@@ -1,0 +1,154 @@
+"""The bench's outputs: Markdown tables (each naming its device), results.json/.md and a plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastpeft.bench import layer
+
+
+def _fmt(v: float | None, spec: str = ".1f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def _latency_cells(r: dict, extra: int = 0) -> list[str]:
+    if r["median_us"] is None:
+        return [r["status"], "—", "—"] + ["—"] * extra
+    return [_fmt(r["median_us"]), f"{_fmt(r['min_us'])}–{_fmt(r['max_us'])}", _fmt(r["penalty"], ".2f") + "x"]
+
+
+def kernel_table(result: dict) -> list[str]:
+    section, dev = result["kernels"], result["device"]
+    s, cuda = section["shapes"], dev["type"] == "cuda"
+    head = (
+        f"**Kernels on {dev['summary']}** — LoRA linear {s['n']}x{s['k']}, r={s['r']}, {s['dtype']}, "
+        f"torch {result['versions']['torch']}; latency in µs "
+        f"({'device time by do_bench' if cuda else 'wall clock'}: median, min–max); penalty = median / base median"
+    )
+    cols = ["M", "implementation", "median µs", "min–max µs", "penalty"] + (["wall µs/call", "wall penalty"] if cuda else [])
+    rows = []
+    for r in section["rows"]:
+        cells = [str(r["m"]), r["label"]] + _latency_cells(r)
+        if cuda:
+            cells += [_fmt(r["wall_us"]), _fmt(r["wall_penalty"], ".2f") + "x"] if r["median_us"] is not None else ["—", "—"]
+        rows.append(cells)
+    return [head, ""] + _table(cols, rows)
+
+
+def methods_table(result: dict) -> list[str]:
+    section, dev = result["methods"], result["device"]
+    s = section["shape"]
+    head = (
+        f"**Methods on {dev['summary']}** — {section['model']} (hidden {s['hidden']}, {s['layers']} layers), "
+        f"{s['dtype']}; latency in µs per forward (decode: per token); penalty = median / base model median"
+    )
+    cols = ["phase", "method", "impl", "median µs", "min–max µs", "penalty", "trainable", "trainable %"]
+    cuda = dev["type"] == "cuda"
+    if cuda:
+        cols.append("peak MiB")
+    rows = []
+    for r in section["rows"]:
+        cells = [r["phase"], r["method"], r["impl"]] + _latency_cells(r)
+        cells += [str(r["trainable"]) if r["trainable"] is not None else "—", _fmt(r["trainable_pct"], ".3f")]
+        if cuda:
+            cells.append(_fmt(r["peak_mem_mib"], ".0f"))
+        rows.append(cells)
+    return [head, ""] + _table(cols, rows)
+
+
+def format_tables(result: dict) -> str:
+    parts = []
+    if "kernels" in result:
+        parts += kernel_table(result) + [""]
+    if "methods" in result:
+        parts += methods_table(result) + [""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _markdown(result: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+    return "\n".join([
+        "# fastpeft bench: the inference latency penalty of PEFT methods", "",
+        f"- device: {result['device']['summary']}",
+        f"- fastpeft.ops backend on this device: {result['ops_backend']}",
+        "- env: " + ", ".join(f"{k}={v or 'unset'}" for k, v in result["env"].items()),
+        f"- versions: {versions}",
+        f"- timing: {result['timing']}",
+        f"- created: {result['created']}" + (" (--quick: tiny shapes, a smoke test)" if result["quick"] else ""),
+        "", format_tables(result),
+        "peft runs with PEFT's defaults (for bf16/fp16 bases it upcasts the adapter weights to fp32). "
+        "Rows without numbers say why (not installed, error, wrong output, not applicable).",
+        "",
+    ])
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[float | None]], title: str) -> None:
+    width = 0.8 / max(len(series), 1)
+    for j, (label, vals) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=label)
+        for x, v in zip(xs, vals):
+            if v is None:  # no number (not installed, error): say so, never draw a value
+                ax.text(x, 0.05, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    top = max([v for vals in series.values() for v in vals if v is not None] + [1.0])
+    ax.set_ylim(0, top * 1.3)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel("latency / base (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _plot(result: dict, path: Path) -> str | None:
+    """Penalty bars: kernels grouped by M, methods grouped by phase. Returns why it was skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: skipping the plot (pip install -e \".[bench]\")"
+    sections = [k for k in ("kernels", "methods") if k in result]
+    fig, axes = plt.subplots(1, len(sections), figsize=(8 * len(sections), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], sections):
+        rows = result[name]["rows"]
+        if name == "kernels":
+            groups = sorted({r["m"] for r in rows})
+            impls = [i for i in layer.IMPLS if i != "base"]
+            series = {
+                next(r["label"] for r in rows if r["impl"] == i): [
+                    next((r["penalty"] for r in rows if r["impl"] == i and r["m"] == m), None) for m in groups
+                ]
+                for i in impls
+            }
+            _bars(ax, [f"M={m}" for m in groups], series, "LoRA layer, unmerged")
+        else:
+            groups = list(dict.fromkeys(r["phase"] for r in rows))
+            keys = list(dict.fromkeys((r["method"], r["impl"]) for r in rows if r["method"] != "base"))
+            series = {
+                f"{m} [{i}]": [
+                    next((r["penalty"] for r in rows if (r["method"], r["impl"], r["phase"]) == (m, i, p)), None)
+                    for p in groups
+                ]
+                for m, i in keys
+            }
+            _bars(ax, groups, series, f"methods in {result['methods']['model']}")
+    fig.suptitle(result["device"]["summary"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def write_outputs(result: dict, out: Path) -> list[str]:
+    """results.json, results.md and plot.png in `out`; returns notes for the user (skips)."""
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.md").write_text(_markdown(result))
+    skipped = _plot(result, out / "plot.png")
+    return [skipped] if skipped else []

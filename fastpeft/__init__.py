@@ -3,8 +3,12 @@
 `import fastpeft as peft` keeps PEFT code and PEFT checkpoints working.
 """
 
-from fastpeft.config import PeftConfig
+from fastpeft.config import PeftConfig, PromptLearningConfig
+from fastpeft.methods.adalora import AdaLoraConfig, AdaLoraModel
 from fastpeft.methods.lora import LoraConfig, LoraModel
+from fastpeft.methods.prefix import PrefixEncoder, PrefixTuningConfig
+from fastpeft.methods.prompt import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from fastpeft.methods.ptuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from fastpeft.model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -13,10 +17,13 @@ from fastpeft.model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from fastpeft.quant.nf4 import Linear4bit, NF4Config, quantize_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",
@@ -25,5 +32,15 @@ __all__ = [
     "PeftModelForFeatureExtraction",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "get_peft_model",
 ]
+__all__ += ["Linear4bit", "NF4Config", "quantize_model"]  # QLoRA base weights (fastpeft.quant)

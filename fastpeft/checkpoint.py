@@ -13,12 +13,16 @@ import os
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from fastpeft.methods.base import BaseTuner
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+# Prompt learning (Prompt/Prefix/P-Tuning): the learned prompt, and the prefix of modules_to_save keys.
+PROMPT_EMBEDDINGS = "prompt_embeddings"
+PROMPT_PREFIX = "base_model."
 
 
 def adapter_state_dict(tuner: BaseTuner, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -55,18 +59,30 @@ def read_adapter(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {os.fspath(directory)!r}")
 
 
-def check_fits(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str) -> None:
-    """Raise ValueError unless `state_dict` has exactly the `expected` keys and shapes."""
-    missing = sorted(k for k in expected if PREFIX + k not in state_dict)
-    unexpected = sorted(k for k in state_dict if not k.startswith(PREFIX) or k[len(PREFIX) :] not in expected)
+def prompt_state_dict(prompt_embeddings: torch.Tensor, saved_modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """A prompt-learning adapter in PEFT's format: `prompt_embeddings` (the prompt encoder's OUTPUT,
+    `[virtual tokens, width]`) plus the modules_to_save copies as `base_model.<path>.<param>`
+    (PEFT keeps the raw model as `base_model` there, so there is no `.model.` in these keys)."""
+    out = {PROMPT_EMBEDDINGS: prompt_embeddings}
+    for key, module in saved_modules.items():
+        out.update({f"{PROMPT_PREFIX}{key}.{k}": v for k, v in module.state_dict().items()})
+    return out
+
+
+def check_fits(
+    state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str, prefix: str = PREFIX
+) -> None:
+    """Raise ValueError unless `state_dict` has exactly the `expected` keys (under `prefix`) and shapes."""
+    missing = sorted(k for k in expected if prefix + k not in state_dict)
+    unexpected = sorted(k for k in state_dict if not k.startswith(prefix) or k[len(prefix) :] not in expected)
     wrong = [
-        f"{PREFIX}{k}: checkpoint {tuple(state_dict[PREFIX + k].shape)} vs model {shape}"
+        f"{prefix}{k}: checkpoint {tuple(state_dict[prefix + k].shape)} vs model {shape}"
         for k, shape in expected.items()
-        if PREFIX + k in state_dict and tuple(state_dict[PREFIX + k].shape) != tuple(shape)
+        if prefix + k in state_dict and tuple(state_dict[prefix + k].shape) != tuple(shape)
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys {_preview([PREFIX + k for k in missing])}")
+        problems.append(f"missing keys {_preview([prefix + k for k in missing])}")
     if unexpected:
         problems.append(f"unexpected keys {_preview(unexpected)}")
     if wrong:

@@ -100,6 +100,32 @@ class PeftConfig:
             return cls.from_dict(json.load(f))
 
 
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """PEFT's `PromptLearningConfig`: the shared fields of the methods that learn virtual tokens.
+
+    They train no layer of the model: Prompt Tuning and P-Tuning learn embeddings prepended to the
+    input, Prefix Tuning learns keys and values prepended in every layer. Fields left None are
+    filled from the model's config when the adapter is added (PEFT's rule, `fastpeft.prompting`).
+    """
+
+    num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens."})
+    token_dim: int = field(default=None, metadata={"help": "Hidden size of the model (prefix: kv_heads * head_dim)."})
+    num_transformer_submodules: int | None = field(default=None, metadata={"help": "1 (decoder or encoder)."})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "Attention (prefix: key-value) heads."})
+    num_layers: int | None = field(default=None, metadata={"help": "Number of transformer layers."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full and saved."})
+
+    def __post_init__(self):
+        n = self.num_virtual_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value)

@@ -31,8 +31,11 @@ def conv1d_class() -> type | None:
 
 
 def is_linear(module: nn.Module) -> bool:
+    from fastpeft.quant.nf4 import Linear4bit  # lazy: the NF4 layer imports ops, keep inject light
+
     conv1d = conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return (isinstance(module, (nn.Linear, Linear4bit))
+            or (conv1d is not None and isinstance(module, conv1d)))
 
 
 def _matches(patterns: str | Iterable[str], key: str) -> bool:

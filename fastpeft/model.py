@@ -167,16 +167,20 @@ class PeftModel(nn.Module):
             self._check_known(name)
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
-            checkpoint.save_adapter(out, checkpoint.adapter_state_dict(self.base_model, name))
+            checkpoint.save_adapter(out, self._adapter_state_dict(name))
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.save_pretrained(out, **self._auto_mapping(config))
+
+    def _adapter_state_dict(self, adapter_name: str) -> dict[str, Any]:
+        """One adapter's tensors under PEFT's checkpoint keys (the prompt-learning model overrides it)."""
+        return checkpoint.adapter_state_dict(self.base_model, adapter_name)
 
     def _auto_mapping(self, config: PeftConfig) -> dict[str, Any]:
         """PEFT records the base model's class when no task_type names it."""
         if config.task_type is not None:
             return {}
-        cls = type(self.base_model.model)
+        cls = type(self.get_base_model())
         return {"auto_mapping": {"base_model_class": cls.__name__, "parent_library": cls.__module__}}
 
     @classmethod
@@ -194,6 +198,10 @@ class PeftModel(nn.Module):
         _accept_noop("from_pretrained", kwargs)
         directory = os.path.join(model_id, subfolder or "")
         config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
+        if config.is_prompt_learning:  # PEFT's other layout: the prompt path lives in fastpeft/prompting.py
+            from fastpeft import prompting
+
+            return prompting.from_pretrained(model, directory, config, adapter_name, is_trainable)
         config.inference_mode = not is_trainable
         state = checkpoint.read_adapter(directory)
         planner = _tuner_class(config)(model, {})
@@ -249,5 +257,9 @@ def get_peft_model(
 ) -> PeftModel:
     """Wrap `model` with a new adapter made from `peft_config` (PEFT's entry point)."""
     _accept_noop("get_peft_model", kwargs)
+    if peft_config.is_prompt_learning:  # PEFT's other layout: the prompt path lives in fastpeft/prompting.py
+        from fastpeft import prompting
+
+        return prompting.get_prompt_model(model, peft_config, adapter_name)
     cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name)

@@ -65,11 +65,16 @@ def _describe(t: Tensor) -> str:
     return f"{list(t.shape)} {t.dtype} on {t.device}"
 
 
-def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout) -> None:
+def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout,
+                       rank_scale=None, col_scale=None) -> None:
     """Validate everything before any kernel runs; errors name the tensors and both sides."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         named["bias"] = bias
+    if rank_scale is not None:
+        named["rank_scale"] = rank_scale
+    if col_scale is not None:
+        named["col_scale"] = col_scale
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -104,6 +109,12 @@ def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout) -> Non
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"lora_linear: bias must be [N] = [{N}]; got bias {list(bias.shape)} "
                          f"and weight {list(weight.shape)}")
+    if rank_scale is not None and tuple(rank_scale.shape) != (r,):
+        raise ValueError(f"lora_linear: rank_scale must be [r] = [{r}] (r from lora_A); got "
+                         f"rank_scale {list(rank_scale.shape)}, lora_A {list(lora_A.shape)}")
+    if col_scale is not None and tuple(col_scale.shape) != (N,):
+        raise ValueError(f"lora_linear: col_scale must be [N] = [{N}] (N from weight); got "
+                         f"col_scale {list(col_scale.shape)}, weight {list(weight.shape)}")
 
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"lora_linear: x dtype must be float32|float16|bfloat16, got x {x.dtype}")
@@ -120,44 +131,68 @@ class LoraLinearFunction(torch.autograd.Function):
     """Fused LoRA linear on 2-D activations; the backend is fixed at forward time.
 
     forward(x2d [M, K], weight [N, K], bias [N]|None, lora_A [r, K], lora_B [N, r], scaling: float,
-    backend: "triton"|"torch") -> [M, N] x2d.dtype. Backward returns grads only for the inputs
-    that need them: dX through the fused kernel (``dX = dY W + s (dY B) A``, the same kernel as
-    the forward with operands swapped), dA = s (dY B)^T X and dB = s dY^T (X A^T) as plain GEMMs
+    backend: "triton"|"torch", rank_scale [r]|None, col_scale [N]|None) -> [M, N] x2d.dtype,
+    ``y = f * (x W^T + s ((x A^T) diag(e)) B^T) + b`` (e, f = 1 when None).
+    Backward returns grads only for the inputs that need them: dX through the fused kernel
+    (``dX = dZ W + s ((dZ B) diag(e)) A`` with dZ = f * dY, the same kernel as the forward with
+    operands swapped), dA = s ((dZ B) diag(e))^T X and dB = s dZ^T (X A^T) diag(e) as plain GEMMs
     (X A^T is recomputed, not saved: it costs an [M, r] GEMM and saves an activation per layer),
-    and dW = dY^T X, dbias = sum(dY) only when the base layer is trainable.
+    de = s colsum((X A^T) * (dZ B)), dW = dZ^T X, dbias = sum(dY) only when trainable.
+    df = colsum(dY * Z) needs the pre-scale output Z: only when f requires grad (DoRA training)
+    does the forward run the kernel without f and bias, keep Z, and apply ``Z * f + b`` itself.
     """
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling, backend):
-        y = _lora_kernels(backend).lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling)
+    def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling, backend, rank_scale=None,
+                col_scale=None):
+        kernels = _lora_kernels(backend)
         need = ctx.needs_input_grad
-        # X is needed only for the weight-side grads; dX needs just W, A, B.
-        ctx.save_for_backward(x2d if (need[1] or need[3] or need[4]) else None,
-                              weight, lora_A, lora_B)
+        need_f = col_scale is not None and need[8]
+        if need_f:
+            z = kernels.lora_fwd(x2d, weight, None, lora_A, lora_B, scaling, rank_scale=rank_scale)
+            y = z * col_scale if bias is None else torch.addcmul(bias, z, col_scale)
+        else:
+            z = None
+            y = kernels.lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling,
+                                 rank_scale=rank_scale, col_scale=col_scale)
+        # X is needed only for the weight-side grads; dX needs just W, A, B (and the scales).
+        ctx.save_for_backward(x2d if (need[1] or need[3] or need[4] or need[7]) else None,
+                              weight, lora_A, lora_B, rank_scale, col_scale, z)
         ctx.scaling, ctx.backend = scaling, backend
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B = ctx.saved_tensors
+        x2d, weight, lora_A, lora_B, e, f, z = ctx.saved_tensors
         s = ctx.scaling
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        dx = dw = db = dA = dB = None
+        need_e, need_f = ctx.needs_input_grad[7:9]
+        dx = dw = db = dA = dB = de = df = None
+        dz = dy if f is None else dy * f
         if need_x:
-            dx = _lora_kernels(ctx.backend).lora_bwd_dx(dy, weight, lora_A, lora_B, s)
-        if need_A:
-            dA = (s * (dy @ lora_B)).t() @ x2d            # [r, M] @ [M, K]
-        if need_B:
-            dB = dy.t() @ (s * (x2d @ lora_A.t()))        # [N, M] @ [M, r]
+            dx = _lora_kernels(ctx.backend).lora_bwd_dx(dz, weight, lora_A, lora_B, s, rank_scale=e)
+        if need_A or need_e:
+            dzb = dz @ lora_B                             # [M, N] @ [N, r]
+            if need_A:
+                dA = (s * (dzb if e is None else dzb * e)).t() @ x2d   # [r, M] @ [M, K]
+        if need_B or need_e:
+            xa = x2d @ lora_A.t()                         # [M, K] @ [K, r]
+            if need_B:
+                dB = dz.t() @ (s * (xa if e is None else xa * e))      # [N, M] @ [M, r]
+        if need_e:
+            de = s * (xa * dzb).sum(0)
+        if need_f:
+            df = (dy * z).sum(0)
         if need_w:
-            dw = dy.t() @ x2d                             # [N, M] @ [M, K]
+            dw = dz.t() @ x2d                             # [N, M] @ [M, K]
         if need_b:
             db = dy.sum(0)
-        return dx, dw, db, dA, dB, None, None
+        return dx, dw, db, dA, dB, None, None, de, df
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float, *, dropout: float = 0.0, backend: str | None = None) -> Tensor:
+                scaling: float, *, dropout: float = 0.0, backend: str | None = None,
+                rank_scale: Tensor | None = None, col_scale: Tensor | None = None) -> Tensor:
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T, one LoRA linear layer (PEFT's semantics).
 
     Shapes and layout:
@@ -176,18 +211,190 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     the LoRA branch sees a dropped-out x while the base path does not, as in PEFT, so the two
     GEMMs no longer share their input and cannot be fused. Otherwise `LoraLinearFunction` runs the
     fused kernels (or the reference) on `backend`, see `resolve_backend`.
+
+    Variants (both fused into the same kernel, both differentiable):
+      rank_scale: [r] x.dtype or None, AdaLoRA's singular values E: the LoRA term becomes
+         ``s ((x A^T) diag(e)) B^T``; zero entries (masked ranks) contribute nothing.
+      col_scale: [N] x.dtype or None, DoRA's ``m / ||W + s B A||`` (the caller detaches the
+         norm, as PEFT does): ``y = f * (x W^T + s (x A^T) B^T) + b``. With dropout, PEFT's DoRA
+         applies the correction to the dropped-out input:
+         ``x W^T + b + (f - 1) * (x_d W^T) + f * s (x_d A^T) B^T`` with ``x_d = dropout(x)``.
     """
-    _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout)
+    _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, rank_scale, col_scale)
     which = resolve_backend(x, backend)  # validates the name even on the dropout path
     scaling = float(scaling)
     if dropout > 0.0:
-        lora = F.linear(F.linear(F.dropout(x, dropout, training=True), lora_A), lora_B)
-        return F.linear(x, weight, bias) + scaling * lora
+        xd = F.dropout(x, dropout, training=True)
+        xa = F.linear(xd, lora_A)
+        lora = F.linear(xa if rank_scale is None else xa * rank_scale, lora_B)
+        if col_scale is None:
+            return F.linear(x, weight, bias) + scaling * lora
+        return (F.linear(x, weight, bias) + (col_scale - 1) * F.linear(xd, weight)
+                + col_scale * (scaling * lora))
     K, N = x.shape[-1], weight.shape[0]
     x2d = x.reshape(-1, K)
-    if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)):
-        y = LoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, scaling, which)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            x, weight, bias, lora_A, lora_B, rank_scale, col_scale)):
+        y = LoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, scaling, which,
+                                     rank_scale, col_scale)
     else:  # inference: skip the autograd.Function's per-call overhead
-        y = _lora_kernels(which).lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling)
+        y = _lora_kernels(which).lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling,
+                                          rank_scale=rank_scale, col_scale=col_scale)
+    return y.reshape(*x.shape[:-1], N)
+
+
+# -- NF4 (QLoRA) ------------------------------------------------------------------------------
+# An NF4 weight is any object with bnb's quant-state fields (fastpeft.quant.nf4.NF4Weight, or a
+# fastpeft Linear4bit's `nf4_weight()`): `packed` uint8 [(N*K+1)//2, 1], `absmax` (fp32 [B], or
+# uint8 [B] with double quant), `quant_map` fp32 [16], `nested_absmax` fp32 | None,
+# `nested_quant_map` fp32 [256] | None, `offset` fp32 0-d | None, `shape` (N, K), `blocksize`.
+# ops reads the fields and never imports the module that defines the container (layering).
+__all__ += ["NF4LinearFunction", "nf4_quantize", "nf4_dequantize", "nf4_linear"]
+
+
+def _nf4_kernels(backend: str):
+    if backend == "triton":
+        from fastpeft.kernels import nf4
+
+        return nf4
+    return reference
+
+
+def _nf4_args(qweight) -> tuple:
+    """(packed, absmax, shape, blocksize, nested, code4) from an NF4 weight, nested = None or
+    (code8, nested_absmax, offset)."""
+    nested = None
+    if qweight.nested_absmax is not None:
+        nested = (qweight.nested_quant_map, qweight.nested_absmax, qweight.offset)
+    return (qweight.packed, qweight.absmax, tuple(qweight.shape), int(qweight.blocksize), nested,
+            qweight.quant_map)
+
+
+def nf4_quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = True) -> dict:
+    """Quantize an [N, K] weight to NF4 exactly as bitsandbytes' CPU backend does.
+
+    weight: [N, K] fp32|fp16|bf16 (any device); blocksize in 32..4096 (powers of two) ->
+    {"packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset"} (the nested
+    entries None without double quant). Runs the PyTorch reference on every backend: quantizing
+    happens once per weight, and a Triton quantizer has not been shown to pay yet.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"nf4_quantize: weight must be a 2-D [out, in] tensor, got "
+                         f"{_describe(weight) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"nf4_quantize: weight dtype must be float32|float16|bfloat16, got {weight.dtype}")
+    if blocksize not in reference.NF4_BLOCKSIZES:
+        raise ValueError(f"nf4_quantize: blocksize must be one of {reference.NF4_BLOCKSIZES}, got {blocksize}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"nf4_quantize: weight {_describe(weight)} has NaN or inf values")
+    packed, absmax = reference.nf4_quantize(weight, blocksize)
+    out = {"packed": packed, "absmax": absmax, "quant_map": reference.nf4_code(weight.device),
+           "nested_absmax": None, "nested_quant_map": None, "offset": None}
+    if double_quant:
+        code8 = reference.dynamic_map(weight.device)
+        out["absmax"], out["nested_absmax"], out["offset"] = reference.nf4_double_quantize(absmax, code8)
+        out["nested_quant_map"] = code8
+    return out
+
+
+def nf4_dequantize(qweight, dtype: torch.dtype = torch.float32, *, backend: str | None = None) -> Tensor:
+    """The [N, K] weight of an NF4 weight in `dtype`, bit-identical to bnb's `dequantize_4bit`."""
+    packed, absmax, shape, blocksize, nested, code4 = _nf4_args(qweight)
+    if resolve_backend(packed, backend) == "torch":
+        return reference.nf4_dequantize(packed, absmax, shape, blocksize, dtype, nested)
+    return _nf4_kernels("triton").nf4_dequantize(packed, absmax, shape, blocksize, dtype, code4, nested)
+
+
+def _nf4_fwd(backend, x2d, args, bias, lora_A, lora_B, scaling):
+    packed, absmax, shape, blocksize, nested, code4 = args
+    if backend == "triton":
+        return _nf4_kernels(backend).nf4_linear_fwd(x2d, packed, absmax, shape, blocksize, nested,
+                                                    bias, lora_A, lora_B, scaling, code4)
+    return reference.nf4_linear_fwd(x2d, packed, absmax, shape, blocksize, nested, bias, lora_A,
+                                    lora_B, scaling)
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """Fused NF4 (+LoRA) linear on 2-D activations; the 4-bit base weight never gets a gradient.
+
+    forward(x2d [M, K], bias [N]|None, lora_A [r, K]|None, lora_B [N, r]|None, scaling, args,
+    backend) -> [M, N]. Backward: dX through the fused dequant kernel on the transposed weight
+    access (``dX = dY W + s (dY B) A``), dA = s (dY B)^T X, dB = s dY^T (X A^T), dbias = sum(dY).
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, bias, lora_A, lora_B, scaling, args, backend):
+        y = _nf4_fwd(backend, x2d, args, bias, lora_A, lora_B, scaling)
+        ctx.save_for_backward(x2d, lora_A, lora_B)
+        ctx.scaling, ctx.args, ctx.backend = scaling, args, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, lora_A, lora_B = ctx.saved_tensors
+        s, (packed, absmax, shape, blocksize, nested, code4) = ctx.scaling, ctx.args
+        need_x, need_b, need_A, need_B = ctx.needs_input_grad[:4]
+        dx = db = dA = dB = None
+        if need_x:
+            if ctx.backend == "triton":
+                dx = _nf4_kernels("triton").nf4_linear_bwd_dx(
+                    dy, packed, absmax, shape, blocksize, nested, lora_A, lora_B, s, code4)
+            else:
+                dx = reference.nf4_linear_bwd_dx(dy, packed, absmax, shape, blocksize, nested,
+                                                 lora_A, lora_B, s)
+        if need_A:
+            dA = (s * (dy @ lora_B)).t() @ x2d
+        if need_B:
+            dB = dy.t() @ (s * (x2d @ lora_A.t()))
+        if need_b:
+            db = dy.sum(0)
+        return dx, db, dA, dB, None, None, None
+
+
+def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | None = None,
+               lora_B: Tensor | None = None, scaling: float = 1.0, *, dropout: float = 0.0,
+               backend: str | None = None) -> Tensor:
+    """y = x dequant(Wq)^T + b + scaling * (dropout(x) A^T) B^T, a QLoRA layer in one launch.
+
+    x: [..., K] fp32|fp16|bf16 (the compute dtype); qweight: an NF4 weight of shape (N, K) (see
+    the block comment above); bias: [N] x.dtype or None; lora_A [r, K] and lora_B [N, r] in
+    x.dtype, or both None for the bare 4-bit layer; scaling: python float -> [..., N] x.dtype.
+    Checked before any kernel runs. `dropout` > 0 runs the LoRA branch unfused on a dropped-out x
+    (PEFT's semantics) next to the fused base layer.
+    """
+    packed, absmax, shape, blocksize, nested, code4 = args = _nf4_args(qweight)
+    N, K = shape
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"nf4_linear: x must be [..., {K}] for an NF4 weight of shape {[N, K]}, "
+                         f"got {_describe(x) if isinstance(x, Tensor) else type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"nf4_linear: x dtype must be float32|float16|bfloat16, got {x.dtype}")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("nf4_linear: pass lora_A and lora_B together, or neither")
+    if lora_A is not None:
+        r = lora_A.shape[0] if lora_A.dim() == 2 else -1
+        if lora_A.dim() != 2 or lora_A.shape[1] != K or r < 1 or tuple(lora_B.shape) != (N, r):
+            raise ValueError(f"nf4_linear: lora_A must be [r, {K}] and lora_B [{N}, r], got "
+                             f"{_describe(lora_A)} and {_describe(lora_B)}")
+    for name, t in {"bias": bias, "lora_A": lora_A, "lora_B": lora_B}.items():
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"nf4_linear: {name} {_describe(t)} must match x {_describe(x)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"nf4_linear: bias must be [{N}], got {list(bias.shape)}")
+    if packed.device != x.device:
+        raise ValueError(f"nf4_linear: the NF4 weight is on {packed.device} but x is on {x.device}")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"nf4_linear: dropout must be in [0, 1], got {dropout}")
+    which = resolve_backend(x, backend)
+    scaling = float(scaling)
+    if dropout > 0.0 and lora_A is not None:
+        base = nf4_linear(x, qweight, bias, backend=which)
+        lora = F.linear(F.linear(F.dropout(x, dropout, training=True), lora_A), lora_B)
+        return base + scaling * lora
+    x2d = x.reshape(-1, K)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
+        y = NF4LinearFunction.apply(x2d, bias, lora_A, lora_B, scaling, args, which)
+    else:  # inference: skip the autograd.Function's per-call overhead
+        y = _nf4_fwd(which, x2d, args, bias, lora_A, lora_B, scaling)
     return y.reshape(*x.shape[:-1], N)

@@ -10,6 +10,14 @@ from strides alone, so transposes are free and nothing is copied:
   backward `lora_bwd_dx`: inp = dY [M, N], Wt = W,   At = B,   Bt = A,   Q = N, P = K, no bias
                           (dX = dY W + s (dY B) A has the same shape of computation).
 
+Two optional scales, constexpr-switched so plain LoRA compiles exactly as before:
+  HAS_RANK_SCALE  (AdaLoRA's singular values E) multiplies the [BLOCK_M, R_PAD] register tile
+                  ``inp @ At`` by e[R] before the up-projection: ``s ((x A^T) diag(e)) B^T``; a
+                  masked (zero) rank contributes nothing. The backward uses it too:
+                  ``dX = dY W + s ((dY B) diag(e)) A``.
+  HAS_COL_SCALE   (DoRA's ``m / ||W + s B A||``) multiplies the whole pre-bias accumulator by
+                  f[P]: ``out = f * (inp @ Wt + s (inp @ At) @ Bt) + bias``.
+
 Fusion: the K-loop that streams each `inp` tile for the base GEMM also accumulates ``inp @ At``
 into an fp32 [BLOCK_M, R_PAD] register tile; the epilogue multiplies it by the [R_PAD, BLOCK_N]
 tile of Bt, so the [M, r] intermediate never goes to HBM. The price is that every column block
@@ -34,6 +42,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _lora_fwd_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr,
+    e_ptr, f_ptr,                   # rank scale [R], column scale [P] (read only when switched on)
     # sizes: x [M, Q], w [Q, P], a [Q, R], b [R, P], y [M, P]; M_BUCKET only keys the autotuner
     M, P, Q, R, M_BUCKET,
     # strides, in elements
@@ -43,17 +52,21 @@ def _lora_fwd_kernel(
     stride_br, stride_bp,
     stride_bias,
     stride_ym, stride_yp,
+    stride_e, stride_f,
     # the LoRA scale s
     scaling,
     # meta-parameters
     R_PAD: tl.constexpr,            # max(16, next_power_of_2(R)): tl.dot needs dims >= 16
     HAS_BIAS: tl.constexpr,
+    HAS_RANK_SCALE: tl.constexpr,   # xa *= e[None, :] before the epilogue dot (AdaLoRA)
+    HAS_COL_SCALE: tl.constexpr,    # acc *= f[None, :] before the bias (DoRA)
     UPCAST: tl.constexpr,           # interpreter + bf16: compute in fp32 right after each load
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no tf32), ignored for fp16/bf16
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[M, P] = x[M, Q] @ w[Q, P] + bias[P] + scaling * (x @ a[Q, R]) @ b[R, P], fp32 acc."""
+    """y[M, P] = f[P] * (x[M, Q] @ w[Q, P] + scaling * ((x @ a[Q, R]) * e[R]) @ b[R, P]) + bias[P],
+    fp32 acc; e and f are 1 unless HAS_RANK_SCALE / HAS_COL_SCALE."""
     # GROUP_M ordering: consecutive programs share column blocks of w, so they stay in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -98,11 +111,17 @@ def _lora_fwd_kernel(
     # Epilogue: the LoRA up-projection on the register tile, then bias, then one cast at the store.
     b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bp
     b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    if HAS_RANK_SCALE:  # in fp32, before the tile is rounded to the operand dtype
+        e = tl.load(e_ptr + offs_r * stride_e, mask=mask_r, other=0.0)
+        xa = xa * e.to(tl.float32)[None, :]
     if UPCAST:
         b = b.to(tl.float32)
     else:
         xa = xa.to(b.dtype)  # operand dtype, so tl.dot stays on tensor cores for fp16/bf16
     acc += scaling * tl.dot(xa, b, input_precision=INPUT_PRECISION)
+    if HAS_COL_SCALE:
+        f = tl.load(f_ptr + offs_n * stride_f, mask=mask_n, other=0.0)
+        acc = acc * f.to(tl.float32)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -153,8 +172,9 @@ def _check(name: str, t: torch.Tensor, shape: tuple, ref: torch.Tensor) -> None:
                          f"got {t.dtype} on {t.device}")
 
 
-def _launch(x, wt, bias, at, bt, scaling, out):
-    """out[M, P] = x[M, Q] @ wt[Q, P] + bias[P] + scaling * (x @ at[Q, R]) @ bt[R, P] (views)."""
+def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None):
+    """out[M, P] = col_scale[P] * (x[M, Q] @ wt[Q, P] + scaling * ((x @ at[Q, R]) * rank_scale[R])
+    @ bt[R, P]) + bias[P] (views); either scale may be None (= 1)."""
     M, Q = x.shape
     P, R = wt.shape[1], at.shape[1]
     if x.dtype not in _DTYPES:
@@ -179,6 +199,8 @@ def _launch(x, wt, bias, at, bt, scaling, out):
     meta = dict(
         R_PAD=max(16, triton.next_power_of_2(R)),
         HAS_BIAS=has_bias,
+        HAS_RANK_SCALE=rank_scale is not None,
+        HAS_COL_SCALE=col_scale is not None,
         UPCAST=interpret and x.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
@@ -187,6 +209,7 @@ def _launch(x, wt, bias, at, bt, scaling, out):
         meta.update(_INTERPRET_CONFIG)
     kernel[_grid](
         x, wt, bias if has_bias else x, at, bt, out,
+        x if rank_scale is None else rank_scale, x if col_scale is None else col_scale,
         M, P, Q, R, triton.next_power_of_2(M),
         x.stride(0), x.stride(1),
         wt.stride(0), wt.stride(1),
@@ -194,6 +217,8 @@ def _launch(x, wt, bias, at, bt, scaling, out):
         bt.stride(0), bt.stride(1),
         bias.stride(0) if has_bias else 0,
         out.stride(0), out.stride(1),
+        0 if rank_scale is None else rank_scale.stride(0),
+        0 if col_scale is None else col_scale.stride(0),
         float(scaling),
         **meta,
     )
@@ -202,13 +227,16 @@ def _launch(x, wt, bias, at, bt, scaling, out):
 
 def lora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, *, rank_scale: torch.Tensor | None = None,
+             col_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b + s (x A^T) B^T in one kernel.
 
     x2d: [M, K] fp32|fp16|bf16 any strides; weight: [N, K] x2d.dtype any strides (e.g.
     ``Conv1D.weight.T``, read in place); bias: [N] x2d.dtype or None; lora_A: [r, K] x2d.dtype;
     lora_B: [N, r] x2d.dtype; scaling: float; out: [M, N] x2d.dtype any strides, or None to
     allocate -> out, [M, N] x2d.dtype. fp32 accumulation; fp32 inputs use IEEE dots (no tf32).
+    rank_scale: [r] x2d.dtype or None, AdaLoRA's E: ``s ((x A^T) diag(e)) B^T``;
+    col_scale: [N] x2d.dtype or None, DoRA's factor: ``y = f * (x W^T + s (x A^T) B^T) + b``.
     """
     if x2d.dim() != 2:
         raise ValueError(f"x2d: expected [M, K], got {list(x2d.shape)}")
@@ -218,17 +246,24 @@ def lora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     _check("lora_B", lora_B, (N, r), x2d)
     if bias is not None:
         _check("bias", bias, (N,), x2d)
-    return _launch(x2d, weight.t(), bias, lora_A.t(), lora_B.t(), scaling, out)
+    if rank_scale is not None:
+        _check("rank_scale", rank_scale, (r,), x2d)
+    if col_scale is not None:
+        _check("col_scale", col_scale, (N,), x2d)
+    return _launch(x2d, weight.t(), bias, lora_A.t(), lora_B.t(), scaling, out, rank_scale, col_scale)
 
 
 def lora_bwd_dx(dy2d: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scaling: float,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, *,
+                rank_scale: torch.Tensor | None = None) -> torch.Tensor:
     """dX = dY W + s (dY B) A, the input gradient of `lora_fwd`, with the same kernel.
 
     dy2d: [M, N] fp32|fp16|bf16 any strides (stride 0 from an expanded grad is fine); weight:
     [N, K] dy2d.dtype any strides; lora_A: [r, K] dy2d.dtype; lora_B: [N, r] dy2d.dtype;
     scaling: float; out: [M, K] dy2d.dtype any strides, or None -> out, [M, K] dy2d.dtype.
+    rank_scale: [r] dy2d.dtype or None: ``dX = dY W + s ((dY B) diag(e)) A``. (DoRA's column
+    scale is applied to dY by the caller: dX of ``f * z`` is the dX of z at ``f * dY``.)
     """
     if dy2d.dim() != 2:
         raise ValueError(f"dy2d: expected [M, N], got {list(dy2d.shape)}")
@@ -236,4 +271,6 @@ def lora_bwd_dx(dy2d: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
     _check("weight", weight, (N, K), dy2d)
     _check("lora_A", lora_A, (r, K), dy2d)
     _check("lora_B", lora_B, (N, r), dy2d)
-    return _launch(dy2d, weight, None, lora_B, lora_A, scaling, out)
+    if rank_scale is not None:
+        _check("rank_scale", rank_scale, (r,), dy2d)
+    return _launch(dy2d, weight, None, lora_B, lora_A, scaling, out, rank_scale)

@@ -15,27 +15,189 @@ __all__ = ["lora_fwd", "lora_bwd_dx"]
 
 
 def lora_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-             scaling: float) -> Tensor:
+             scaling: float, *, rank_scale: Tensor | None = None,
+             col_scale: Tensor | None = None) -> Tensor:
     """y = x W^T + b + s (x A^T) B^T, the forward of a LoRA linear.
 
     x2d: [M, K] fp32|fp16|bf16 any strides; weight: [N, K] any strides (e.g. ``Conv1D.weight.T``);
     bias: [N] or None; lora_A: [r, K]; lora_B: [N, r]; scaling: python float
     -> [M, N] x2d.dtype, contiguous.
+    rank_scale: [r] or None (AdaLoRA's E): ``s ((x A^T) diag(e)) B^T``; col_scale: [N] or None
+    (DoRA's ``m / ||W + s B A||``): ``y = f * (x W^T + s (x A^T) B^T) + b``.
     """
     xf = x2d.float()
-    y = F.linear(xf, weight.float(), None if bias is None else bias.float())
-    y.add_(F.linear(F.linear(xf, lora_A.float()), lora_B.float()), alpha=scaling)
+    xa = F.linear(xf, lora_A.float())
+    if rank_scale is not None:
+        xa = xa * rank_scale.float()
+    y = F.linear(xf, weight.float())
+    y.add_(F.linear(xa, lora_B.float()), alpha=scaling)
+    if col_scale is not None:
+        y.mul_(col_scale.float())
+    if bias is not None:
+        y.add_(bias.float())
     return y.to(x2d.dtype)
 
 
 def lora_bwd_dx(dy2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                scaling: float) -> Tensor:
+                scaling: float, *, rank_scale: Tensor | None = None) -> Tensor:
     """dX = dY W + s (dY B) A, the input gradient of `lora_fwd`.
 
     dy2d: [M, N] fp32|fp16|bf16 any strides; weight: [N, K] any strides; lora_A: [r, K];
     lora_B: [N, r]; scaling: python float -> [M, K] dy2d.dtype, contiguous.
+    rank_scale: [r] or None: ``dX = dY W + s ((dY B) diag(e)) A``.
     """
     dyf = dy2d.float()
     dx = dyf @ weight.float()
-    dx.add_((dyf @ lora_B.float()) @ lora_A.float(), alpha=scaling)
+    dyb = dyf @ lora_B.float()
+    if rank_scale is not None:
+        dyb = dyb * rank_scale.float()
+    dx.add_(dyb @ lora_A.float(), alpha=scaling)
     return dx.to(dy2d.dtype)
+
+
+# -- NF4 (bitsandbytes' 4-bit NormalFloat, QLoRA) ------------------------------------------------
+# The format is bitsandbytes': 16 code values (index 7 is 0.0), fp32 absmax per block of
+# `blocksize` over the flattened row-major [N, K] weight (a tail block is allowed, and a block may
+# straddle rows), two codes per byte with the EVEN element in the HIGH nibble, storage
+# uint8 [(N*K+1)//2, 1]. Double quantization stores `absmax - offset` (offset = absmax.mean()) as
+# 8-bit codes of bnb's signed dynamic map in blocks of 256, with an fp32 absmax per such block.
+# The quantizers reproduce bitsandbytes 0.50's CPU backend bit for bit (tests/quant/test_nf4.py):
+# 4-bit codes are nearest-by-midpoint (ties to the lower code; full blocks scale by the reciprocal
+# of absmax, the tail block divides); the 8-bit path is bnb's 65536-bin lookup table.
+
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+_LUT_BINS = 65536
+
+__all__ += ["nf4_code", "dynamic_map", "nf4_quantize", "nf4_double_quantize", "nf4_absmax",
+            "nf4_dequantize", "nf4_linear_fwd", "nf4_linear_bwd_dx"]
+
+
+def nf4_code(device=None) -> Tensor:
+    """The 16 NF4 values, fp32 [16], sorted (index 7 is 0.0)."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def dynamic_map(device=None) -> Tensor:
+    """bnb's signed 8-bit dynamic map (fp32 [256], sorted): for each exponent e in 0..6, the
+    2**e midpoints of a linspace(0.1, 1, 2**e + 1) scaled by 10**(e-6), both signs, plus 0 and 1."""
+    values = []
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** e + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        values += ((10 ** (e - 6)) * mids).tolist() + (-(10 ** (e - 6)) * mids).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+def _blocks(flat: Tensor, blocksize: int) -> Tensor:
+    """flat fp32 [n] -> [ceil(n / blocksize), blocksize], the tail zero-padded (zeros never change
+    an absmax)."""
+    nblocks = -(-flat.numel() // blocksize)
+    return F.pad(flat, (0, nblocks * blocksize - flat.numel())).view(nblocks, blocksize)
+
+
+def nf4_quantize(weight: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """NF4-quantize a weight as bitsandbytes' `quantize_4bit(quant_type="nf4")` does.
+
+    weight: [N, K] fp32|fp16|bf16 (any strides); blocksize: one of NF4_BLOCKSIZES
+    -> (packed uint8 [(N*K+1)//2, 1], absmax fp32 [ceil(N*K / blocksize)]).
+    """
+    flat = weight.reshape(-1).float()
+    n = flat.numel()
+    blocks = _blocks(flat, blocksize)
+    absmax = blocks.abs().amax(1)
+    safe = absmax.clamp(min=1e-38)[:, None]
+    full = n // blocksize
+    scaled = torch.empty_like(blocks)
+    scaled[:full] = blocks[:full] * (1.0 / safe[:full])
+    scaled[full:] = blocks[full:] / safe[full:]
+    scaled = scaled.clamp(-1, 1).reshape(-1)[:n]
+    code = nf4_code(flat.device)
+    idx = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    if n % 2:  # bnb pads the scaled values with 0.0, which is code 7
+        idx = torch.cat([idx, idx.new_full((1,), 7)])
+    return ((idx[0::2] << 4) | idx[1::2]).unsqueeze(1), absmax
+
+
+def _quantize_8bit(a: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """bnb's CPU blockwise 8-bit quantizer: each value times 1/absmax, clamped to [-1, 1], picks
+    one of 65536 bins, and a table built from the code's fp32 midpoints maps bins to codes
+    (nearest up to the bin width, so not always the nearest code). All-zero blocks get code 0."""
+    n = a.numel()
+    blocks = _blocks(a.reshape(-1).float(), blocksize)
+    absmax = blocks.abs().amax(1)
+    mids = 0.5 * (code[:-1] + code[1:])
+    bins = torch.arange(_LUT_BINS, dtype=torch.float32, device=a.device)
+    lut = torch.searchsorted(mids, -1.0 + (2.0 * bins) / (_LUT_BINS - 1), side="left")
+    v = (blocks * (1.0 / absmax)[:, None]).clamp(-1, 1)
+    t = (((v + 1.0) * 0.5) * (_LUT_BINS - 1)) + 0.5
+    t = torch.where((absmax == 0)[:, None], 0.0, t)  # 0 * (1/0) is NaN: bnb writes code 0
+    q = lut[t.to(torch.int64).reshape(-1)[:n]].to(torch.uint8)
+    q = torch.where(torch.repeat_interleave(absmax == 0, blocksize)[:n], 0, q).to(torch.uint8)
+    return q, absmax
+
+
+def nf4_double_quantize(absmax: Tensor, code8: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Double quantization of the NF4 block scales, as `quantize_4bit(compress_statistics=True)`.
+
+    absmax: fp32 [B]; code8: fp32 [256] (`dynamic_map()`) -> (qabsmax uint8 [B],
+    nested_absmax fp32 [ceil(B / 256)], offset fp32 0-d = absmax.mean()).
+    """
+    offset = absmax.mean()
+    qabsmax, nested_absmax = _quantize_8bit(absmax - offset, code8, NESTED_BLOCKSIZE)
+    return qabsmax, nested_absmax, offset
+
+
+def nf4_absmax(absmax: Tensor, nested: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+    """The fp32 block scales: `absmax` itself, or with `nested = (code8 [256] fp32,
+    nested_absmax fp32, offset fp32 0-d)` the 8-bit `absmax` decoded as bnb does:
+    ``code8[q] * nested_absmax[i // 256] + offset`` (fp32 multiply, then fp32 add)."""
+    if nested is None:
+        return absmax.float()
+    code8, nested_absmax, offset = nested
+    scale = torch.repeat_interleave(nested_absmax.float(), NESTED_BLOCKSIZE)[: absmax.numel()]
+    return code8[absmax.reshape(-1).long()] * scale + offset.float()
+
+
+def nf4_dequantize(packed: Tensor, absmax: Tensor, shape: tuple[int, int], blocksize: int,
+                   dtype: torch.dtype, nested: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """The weight bnb's `dequantize_4bit` returns: ``code[q] * absmax[block]`` in fp32, cast once.
+
+    packed: uint8 [(N*K+1)//2, 1] (or flat); absmax: fp32 [B], or uint8 [B] with `nested`;
+    shape: (N, K); dtype: the output dtype -> [N, K] dtype, contiguous.
+    """
+    n = shape[0] * shape[1]
+    flat = packed.reshape(-1)
+    idx = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
+    scale = torch.repeat_interleave(nf4_absmax(absmax, nested), blocksize)[:n]
+    return (nf4_code(flat.device)[idx] * scale).to(dtype).reshape(shape)
+
+
+def nf4_linear_fwd(x2d: Tensor, packed: Tensor, absmax: Tensor, shape: tuple[int, int],
+                   blocksize: int, nested, bias: Tensor | None, lora_A: Tensor | None,
+                   lora_B: Tensor | None, scaling: float) -> Tensor:
+    """y = x dequant(Wq)^T + b + s (x A^T) B^T with the weight dequantized to x's dtype first
+    (what bnb's matmul feeds its GEMM). x2d: [M, K]; shape = (N, K); bias [N] or None; lora_A
+    [r, K] and lora_B [N, r], or both None for the bare NF4 layer -> [M, N] x2d.dtype."""
+    weight = nf4_dequantize(packed, absmax, shape, blocksize, x2d.dtype, nested)
+    if lora_A is None:
+        xf = x2d.float()
+        return F.linear(xf, weight.float(), None if bias is None else bias.float()).to(x2d.dtype)
+    return lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling)
+
+
+def nf4_linear_bwd_dx(dy2d: Tensor, packed: Tensor, absmax: Tensor, shape: tuple[int, int],
+                      blocksize: int, nested, lora_A: Tensor | None, lora_B: Tensor | None,
+                      scaling: float) -> Tensor:
+    """dX = dY dequant(Wq) + s (dY B) A, the input gradient of `nf4_linear_fwd` -> [M, K]."""
+    weight = nf4_dequantize(packed, absmax, shape, blocksize, dy2d.dtype, nested)
+    if lora_A is None:
+        return (dy2d.float() @ weight.float()).to(dy2d.dtype)
+    return lora_bwd_dx(dy2d, weight, lora_A, lora_B, scaling)

@@ -37,6 +37,15 @@ METHODS: dict[str, Method] = {
     "rslora": Method(
         lambda lib: lib.LoraConfig(r=16, lora_alpha=32, use_rslora=True, target_modules=["q_proj", "v_proj"]), True
     ),
+    "dora": Method(lambda lib: lib.LoraConfig(r=16, lora_alpha=32, use_dora=True, target_modules=LLAMA_LINEARS), True),
+    "adalora": Method(
+        lambda lib: lib.AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=LLAMA_LINEARS), True
+    ),
+    "prompt_tuning": Method(lambda lib: lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20), False),
+    "ptuning": Method(
+        lambda lib: lib.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, encoder_hidden_size=128), False
+    ),
+    "prefix_tuning": Method(lambda lib: lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20), False),
 }
 
 

@@ -3,7 +3,20 @@
 `TUNERS` maps a config's `peft_type` to the tuner that injects it.
 """
 
+from torch import nn
+
+from fastpeft.methods.adalora import AdaLoraModel
 from fastpeft.methods.base import BaseTuner
 from fastpeft.methods.lora import LoraModel
+from fastpeft.methods.prefix import PrefixEncoder
+from fastpeft.methods.prompt import PromptEmbedding
+from fastpeft.methods.ptuning import PromptEncoder
 
-TUNERS: dict[str, type[BaseTuner]] = {"LORA": LoraModel}
+TUNERS: dict[str, type[BaseTuner]] = {"LORA": LoraModel, "ADALORA": AdaLoraModel}
+
+# Prompt learning methods inject nothing: `fastpeft.prompting` holds their prompt encoder by peft_type.
+PROMPT_ENCODERS: dict[str, type[nn.Module]] = {
+    "PROMPT_TUNING": PromptEmbedding,
+    "P_TUNING": PromptEncoder,
+    "PREFIX_TUNING": PrefixEncoder,
+}

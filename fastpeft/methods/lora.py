@@ -2,7 +2,8 @@
 
 `y = x W^T + b + s * (dropout(x) A^T) B^T` with `A: [r, in]`, `B: [out, r]`, `s = alpha / r`
 (`alpha / sqrt(r)` with rsLoRA). The layer computes it through `ops.lora_linear`: on CUDA one fused
-Triton launch, on CPU the PyTorch reference.
+Triton launch, on CPU the PyTorch reference. `use_dora=True` makes an adapter DoRA: its magnitude
+lives in `lora_magnitude_vector` and its math in fastpeft/methods/dora.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from torch import nn
 
 from fastpeft import inject, ops
 from fastpeft.config import PeftConfig, register_config
+from fastpeft.methods import dora
 from fastpeft.methods.base import AdapterLayer, BaseTuner
+from fastpeft.quant.nf4 import Linear4bit
 
 
 @register_config
@@ -27,7 +30,6 @@ class LoraConfig(PeftConfig):
 
     PEFT_TYPE: ClassVar[str] = "LORA"
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Any]] = {
-        "use_dora": False,  # DoRA lands with the AdaLoRA/DoRA issue
         "lora_bias": False,
         "layer_replication": None,
         "target_parameters": None,
@@ -72,15 +74,15 @@ class LoraConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank by regex."})
     alpha_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module alpha by regex."})
-    use_dora: bool = field(default=False, metadata={"help": "DoRA (not implemented yet: raises)."})
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA: a trained magnitude per output row times the normalized W + s B A."}
+    )
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple, set)):
             self.exclude_modules = set(self.exclude_modules)
-        if self.use_dora:
-            raise NotImplementedError("use_dora=True: DoRA is not implemented in fastpeft yet")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
         for key, r in self.rank_pattern.items():
@@ -107,7 +109,9 @@ class LoraConfig(PeftConfig):
 class LoraLinear(AdapterLayer):
     """An nn.Linear (or GPT-2 Conv1D) with LoRA adapters; PEFT's `lora.Linear` layout."""
 
-    adapter_layer_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+    # lora_magnitude_vector holds DoRA adapters' magnitudes (fastpeft/methods/dora.py); it stays
+    # empty, and out of every state dict, for plain LoRA adapters.
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", dora.LAYER_NAME)
     other_param_names: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "scaling", "lora_dropout")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, key: str):
@@ -118,6 +122,7 @@ class LoraLinear(AdapterLayer):
         self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
         self.lora_dropout: dict[str, float] = {}
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -142,6 +147,10 @@ class LoraLinear(AdapterLayer):
         self.lora_alpha[adapter_name] = alpha
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.lora_dropout[adapter_name] = config.lora_dropout
+        if config.use_dora:
+            self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude.init_from(
+                self.base_weight(), a.weight, b.weight, self.scaling[adapter_name]
+            )
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as `[out, in]` (a view for Conv1D: never a copy)."""
@@ -153,7 +162,17 @@ class LoraLinear(AdapterLayer):
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         return (b.float() @ a.float()) * self.scaling[adapter_name]
 
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, Any]:
+        return dora.to_checkpoint(super().adapter_state_dict(adapter_name))
+
+    def load_adapter_state_dict(self, adapter_name: str, state: dict[str, Any]) -> None:
+        super().load_adapter_state_dict(adapter_name, dora.from_checkpoint(state))
+
     def merge(self, adapter_name: str, safe_merge: bool = False) -> None:
+        if adapter_name in self.lora_magnitude_vector:
+            dora.merge(self, adapter_name, safe_merge)
+            self.merged_adapters.append(adapter_name)
+            return
         with torch.no_grad():
             weight = self.base_weight()
             merged = weight + self.get_delta_weight(adapter_name).to(weight.dtype)
@@ -163,6 +182,9 @@ class LoraLinear(AdapterLayer):
         self.merged_adapters.append(adapter_name)
 
     def _unmerge_one(self, adapter_name: str) -> None:
+        if adapter_name in self.lora_magnitude_vector:
+            dora.unmerge(self, adapter_name)
+            return
         with torch.no_grad():
             weight = self.base_weight()
             weight -= self.get_delta_weight(adapter_name).to(weight.dtype)
@@ -174,6 +196,11 @@ class LoraLinear(AdapterLayer):
         if self.disable_adapters or self.merged or name is None:
             return self.base_layer(x, *args, **kwargs)
         dtype = self.base_layer.weight.dtype
+        col_scale = None
+        if name in self.lora_magnitude_vector:  # DoRA: m / ||W + s B A|| in the kernel's epilogue
+            col_scale = self.lora_magnitude_vector[name].factor(
+                self.base_weight(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dtype
+            )
         return ops.lora_linear(
             x,
             self.base_weight(),
@@ -182,6 +209,7 @@ class LoraLinear(AdapterLayer):
             self.lora_B[name].weight.to(dtype),
             self.scaling[name],
             dropout=self.lora_dropout[name] if self.training else 0.0,
+            col_scale=col_scale,
         )
 
     def extra_repr(self) -> str:
@@ -211,6 +239,8 @@ class LoraModel(BaseTuner):
         return super().targets(config)
 
     def _create_layer(self, target: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> LoraLinear:
+        if isinstance(target, Linear4bit):  # PEFT's dispatch_bnb_4bit: LoRA over an NF4 base
+            return NF4LoraLinear(target, adapter_name, config, key)
         if config.fan_in_fan_out != _is_conv1d(target):  # PEFT corrects the flag to the layer type, loudly
             warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(target).__name__}: flipped")
             config.fan_in_fan_out = _is_conv1d(target)
@@ -221,12 +251,78 @@ class LoraModel(BaseTuner):
 
     def _adapter_shapes(self, target: nn.Module, config: LoraConfig, key: str) -> dict[str, tuple[int, ...]]:
         out_f, in_f = target.weight.shape
+        if isinstance(target, Linear4bit):  # its `weight` is the packed 4-bit buffer
+            out_f, in_f = target.out_features, target.in_features
         if _is_conv1d(target):
             out_f, in_f = in_f, out_f
         r, _ = config.rank_and_alpha(key)
-        return {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
+        shapes = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
+        if config.use_dora:
+            shapes[dora.LAYER_NAME] = (out_f,)
+        return shapes
 
 
 def _is_conv1d(module: nn.Module) -> bool:
     conv1d = inject.conv1d_class()
     return conv1d is not None and isinstance(module, conv1d)
+
+
+class NF4LoraLinear(LoraLinear):
+    """LoRA over a fastpeft NF4 `Linear4bit` (QLoRA); PEFT's `lora.bnb.Linear4bit`.
+
+    Forward is `ops.nf4_linear` in the base layer's compute dtype: the 4-bit matmul, bias and LoRA
+    term in one fused launch, the base weight frozen. Merging follows PEFT: dequantize, add the
+    delta, re-quantize; the added rounding error (PEFT only warns about it) is measured and kept
+    in `merge_error[adapter]` (max |requantized - exact merged|) and reported in the warning.
+    """
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
+        if config.use_dora:
+            raise ValueError(f"{key}: DoRA over a 4-bit (NF4) base layer is not supported")
+        # LoraLinear.__init__ read the features off `weight`, which here is the packed buffer.
+        self.out_features, self.in_features = self.base_layer.out_features, self.base_layer.in_features
+        if not hasattr(self, "merge_error"):
+            self.merge_error: dict[str, float] = {}
+        super().update_layer(adapter_name, config, key)
+
+    def base_weight(self) -> torch.Tensor:
+        """The dequantized `[out, in]` base weight (a new tensor: NF4 has no view of it)."""
+        return self.base_layer.dequantize(torch.float32)
+
+    def _requantize(self, weight: torch.Tensor, adapter_name: str, safe_merge: bool) -> float:
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+        self.base_layer.requantize_(weight)
+        return (self.base_layer.dequantize(torch.float32) - weight).abs().max().item()
+
+    def merge(self, adapter_name: str, safe_merge: bool = False) -> None:
+        with torch.no_grad():
+            merged = self.base_weight() + self.get_delta_weight(adapter_name)
+            error = self._requantize(merged, adapter_name, safe_merge)
+        self.merge_error[adapter_name] = error
+        warnings.warn(f"Merging LoRA adapter {adapter_name!r} into a 4-bit (NF4) base re-quantizes the weight: "
+                      f"max added rounding error {error:.3g} (generations may differ slightly)")
+        self.merged_adapters.append(adapter_name)
+
+    def _unmerge_one(self, adapter_name: str) -> None:
+        with torch.no_grad():
+            self._requantize(self.base_weight() - self.get_delta_weight(adapter_name), adapter_name, False)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        name = self.active_adapter
+        if self.disable_adapters or self.merged or name is None:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        dtype = base.compute_dtype
+        y = ops.nf4_linear(
+            x.to(dtype),
+            base.nf4_weight(),
+            None if base.bias is None else base.bias.to(dtype),
+            self.lora_A[name].weight.to(dtype),
+            self.lora_B[name].weight.to(dtype),
+            self.scaling[name],
+            dropout=self.lora_dropout[name] if self.training else 0.0,
+        )
+        return y.to(x.dtype)

@@ -1,0 +1,301 @@
+"""NF4 base weights (QLoRA): `NF4Config`, the `NF4Weight` container, `Linear4bit`, `quantize_model`.
+
+The format is bitsandbytes' exactly (see `fastpeft.kernels.reference`, "NF4"), and so is the
+state dict of a `Linear4bit`: `weight` (packed uint8 [(N*K+1)//2, 1]), `bias`, `weight.absmax`,
+`weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map` and
+`weight.quant_state.bitsandbytes__nf4` (the JSON of the non-tensor fields as uint8), so a
+`bitsandbytes.nn.Linear4bit` state dict loads here and ours loads there with
+`Params4bit.from_prequantized`. Quantizing and the matmuls go through `fastpeft.ops`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastpeft import ops
+from fastpeft.kernels.reference import NESTED_BLOCKSIZE, NF4_BLOCKSIZES
+
+__all__ = ["NF4Config", "NF4Weight", "Linear4bit", "quantize_model", "from_bnb_model"]
+
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_QS_KEY = "quant_state.bitsandbytes__nf4"
+_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_BUFFERS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+
+
+@dataclass
+class NF4Config:
+    """How `quantize_model` quantizes: transformers' `BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=..., bnb_4bit_compute_dtype=...)`."""
+
+    blocksize: int = field(default=64, metadata={"help": "Weights per absmax block (32..4096, powers of 2)."})
+    double_quant: bool = field(default=True, metadata={"help": "Quantize the absmax values too (~0.37 bit/param saved)."})
+    compute_dtype: torch.dtype = field(default=torch.float32, metadata={"help": "dtype of the matmuls (bnb's default fp32)."})
+    skip_modules: list[str] | None = field(default=None, metadata={"help": "Names kept in full precision, besides lm_head."})
+
+    def __post_init__(self):
+        if self.blocksize not in NF4_BLOCKSIZES:
+            raise ValueError(f"NF4Config: blocksize must be one of {NF4_BLOCKSIZES}, got {self.blocksize!r}")
+        if self.compute_dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"NF4Config: compute_dtype must be float32|float16|bfloat16, got {self.compute_dtype!r}")
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """One NF4 weight: the fields `fastpeft.ops.nf4_linear` reads (bnb's quant state, flattened)."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    quant_map: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    nested_quant_map: torch.Tensor | None
+    offset: torch.Tensor | None
+    shape: tuple[int, int]
+    blocksize: int
+
+
+class Linear4bit(nn.Module):
+    """An nn.Linear whose weight is stored in NF4 (bnb's `Linear4bit` with quant_type="nf4").
+
+    Input is cast to `compute_dtype`, the output back to the input dtype (bnb's semantics). The
+    packed weight and quant state are buffers, so they follow `.to(device)`; a dtype cast of the
+    model leaves them alone (they are not floating weights).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
+                 double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+                 weight_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        NF4Config(blocksize=blocksize, compute_dtype=compute_dtype)  # validates both
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.double_quant = blocksize, double_quant
+        self.compute_dtype, self.weight_dtype = compute_dtype, weight_dtype
+        numel = in_features * out_features
+        nblocks = -(-numel // blocksize)
+        self.register_buffer("weight", torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, device=device),
+                             persistent=False)
+        self.register_buffer("quant_map", ops.reference.nf4_code(device), persistent=False)
+        if double_quant:
+            self.register_buffer("absmax", torch.zeros(nblocks, dtype=torch.uint8, device=device), persistent=False)
+            self.register_buffer("nested_absmax", torch.zeros(-(-nblocks // NESTED_BLOCKSIZE), device=device),
+                                 persistent=False)
+            self.register_buffer("nested_quant_map", ops.reference.dynamic_map(device), persistent=False)
+            self.register_buffer("offset", torch.zeros((), device=device), persistent=False)
+        else:
+            self.register_buffer("absmax", torch.zeros(nblocks, device=device), persistent=False)
+            self.nested_absmax = self.nested_quant_map = self.offset = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device)) if bias else None
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: NF4Config) -> "Linear4bit":
+        """Quantize an nn.Linear (its weight is read, never modified)."""
+        weight = linear.weight
+        if weight.dim() != 2:
+            raise ValueError(f"Linear4bit.from_linear: weight must be 2-D, got {list(weight.shape)}")
+        layer = cls(weight.shape[1], weight.shape[0], linear.bias is not None, config.blocksize,
+                    config.double_quant, config.compute_dtype, weight.dtype, device=weight.device)
+        q = ops.nf4_quantize(weight.detach(), config.blocksize, config.double_quant)
+        layer.weight, layer.absmax = q["packed"], q["absmax"]
+        if config.double_quant:
+            layer.nested_absmax, layer.offset = q["nested_absmax"], q["offset"]
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return layer
+
+    @classmethod
+    def from_bnb(cls, bnb_layer: nn.Module, compute_dtype: torch.dtype | None = None) -> "Linear4bit":
+        """A fastpeft copy of a `bitsandbytes.nn.Linear4bit` (nf4), from its state dict: the
+        codes and statistics are taken as they are, nothing is re-quantized."""
+        state = bnb_layer.state_dict()
+        qs = _quant_state(state, "", type(bnb_layer).__name__)
+        layer = cls(qs["shape"][1], qs["shape"][0], "bias" in state, qs["blocksize"],
+                    "weight.nested_absmax" in state,
+                    compute_dtype or getattr(bnb_layer, "compute_dtype", None) or torch.float32,
+                    getattr(torch, qs["dtype"]), device=state["weight"].device)
+        layer.load_state_dict(state)
+        return layer
+
+    # -- the weight ------------------------------------------------------------------------------
+    def nf4_weight(self) -> NF4Weight:
+        return NF4Weight(self.weight, self.absmax, self.quant_map, self.nested_absmax,
+                         self.nested_quant_map, self.offset, (self.out_features, self.in_features),
+                         self.blocksize)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The [out, in] weight in `dtype` (default: the dtype it was quantized from)."""
+        return ops.nf4_dequantize(self.nf4_weight(), dtype or self.weight_dtype)
+
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Replace the stored weight by the NF4 codes of `weight` ([out, in], same settings)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"Linear4bit.requantize_: weight must be [{self.out_features}, "
+                             f"{self.in_features}], got {list(weight.shape)}")
+        q = ops.nf4_quantize(weight.detach().to(self.weight_dtype), self.blocksize, self.double_quant)
+        self.weight, self.absmax = q["packed"], q["absmax"]
+        if self.double_quant:
+            self.nested_absmax, self.offset = q["nested_absmax"], q["offset"]
+
+    def storage_bits_per_param(self) -> float:
+        """Bits per weight of everything stored for the weight (codes, scales, maps, offset)."""
+        nbytes = sum(t.numel() * t.element_size() for n in _BUFFERS if (t := getattr(self, n)) is not None)
+        return 8 * nbytes / (self.in_features * self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return ops.nf4_linear(x.to(self.compute_dtype), self.nf4_weight(), bias).to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the quant state; dtype casts do not (they would corrupt it)."""
+        before = {n: getattr(self, n) for n in _BUFFERS if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
+    # -- bitsandbytes' state-dict format ---------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        destination[prefix + "weight.absmax"] = self.absmax
+        destination[prefix + "weight.quant_map"] = self.quant_map
+        meta = {"quant_type": "nf4", "blocksize": self.blocksize,
+                "dtype": str(self.weight_dtype).removeprefix("torch."),
+                "shape": [self.out_features, self.in_features]}
+        if self.double_quant:
+            destination[prefix + "weight.nested_absmax"] = self.nested_absmax
+            destination[prefix + "weight.nested_quant_map"] = self.nested_quant_map.clone()
+            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
+                        nested_offset=self.offset.item())
+        destination[prefix + "weight." + _QS_KEY] = torch.tensor(list(json.dumps(meta).encode()),
+                                                                 dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Validate the whole layer's entries first, then assign: a bad entry changes nothing."""
+        name = prefix.rstrip(".") or type(self).__name__
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if "weight" not in mine:
+            missing_keys.append(prefix + "weight")
+            return
+        qs = _quant_state(mine, "", name)
+        N, K, bs = self.out_features, self.in_features, self.blocksize
+        if tuple(qs["shape"]) != (N, K):
+            raise ValueError(f"{name}: state dict holds an NF4 weight of shape {qs['shape']}, "
+                             f"the layer is [out={N}, in={K}]")
+        if qs["blocksize"] != bs:
+            raise ValueError(f"{name}: state dict blocksize {qs['blocksize']} != layer blocksize {bs}")
+        nested = "weight.nested_absmax" in mine
+        if nested != self.double_quant:
+            raise ValueError(f"{name}: state dict double_quant={nested}, layer double_quant={self.double_quant}")
+        want = {"weight": ((N * K + 1) // 2, torch.uint8), "weight.quant_map": (16, torch.float32),
+                "weight.absmax": (self.absmax.numel(), self.absmax.dtype)}
+        if nested:
+            if qs.get("nested_blocksize") != NESTED_BLOCKSIZE or "nested_offset" not in qs:
+                raise ValueError(f"{name}: corrupted quant_state: nested_blocksize "
+                                 f"{qs.get('nested_blocksize')!r} (want 256), nested_offset {qs.get('nested_offset')!r}")
+            want.update({"weight.nested_absmax": (self.nested_absmax.numel(), torch.float32),
+                         "weight.nested_quant_map": (256, torch.float32)})
+        for key, (numel, dtype) in want.items():
+            t = mine.get(key)
+            if not isinstance(t, torch.Tensor) or t.numel() != numel or t.dtype != dtype:
+                got = f"{t.dtype} with {t.numel()} elements" if isinstance(t, torch.Tensor) else "nothing"
+                raise ValueError(f"{name}: state dict entry {key!r} should be {dtype} with {numel} "
+                                 f"elements, got {got}")
+        bias = mine.get("bias")
+        if (bias is None) != (self.bias is None) or (bias is not None and tuple(bias.shape) != (N,)):
+            raise ValueError(f"{name}: bias in state dict {None if bias is None else list(bias.shape)} "
+                             f"does not fit the layer (bias={self.bias is not None}, out={N})")
+        with torch.no_grad():
+            device = self.weight.device
+            self.weight = mine["weight"].reshape(-1, 1).to(device).clone()
+            self.absmax = mine["weight.absmax"].reshape(-1).to(device).clone()
+            self.quant_map = mine["weight.quant_map"].to(device).clone()
+            self.weight_dtype = getattr(torch, qs["dtype"])
+            if nested:
+                self.nested_absmax = mine["weight.nested_absmax"].to(device).clone()
+                self.nested_quant_map = mine["weight.nested_quant_map"].to(device).clone()
+                self.offset = torch.tensor(float(qs["nested_offset"]), device=device)
+            if bias is not None:
+                self.bias.copy_(bias)
+        known = {"weight", "bias", "weight." + _QS_KEY, *("weight." + k for k in _TENSOR_KEYS)}
+        unexpected_keys.extend(prefix + k for k in mine if k not in known and "." not in k.removeprefix("weight."))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+def _quant_state(entries: dict[str, Any], prefix: str, name: str) -> dict[str, Any]:
+    """The JSON fields of bnb's packed quant state; errors name the layer."""
+    keys = [k for k in entries if k.startswith(prefix + "weight.quant_state.")]
+    if keys != [prefix + "weight." + _QS_KEY]:
+        kinds = [k.rsplit("__", 1)[-1] for k in keys]
+        raise ValueError(f"{name}: expected one quant state 'weight.{_QS_KEY}' (an nf4 layer), "
+                         f"found {kinds or 'none'}: only NF4 is supported, not fp4")
+    try:
+        qs = json.loads(bytes(entries[keys[0]].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        ok = (qs["quant_type"] == "nf4" and qs["blocksize"] in NF4_BLOCKSIZES
+              and len(qs["shape"]) == 2 and hasattr(torch, qs["dtype"]))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{name}: corrupted quant_state ({type(err).__name__}: {err})") from None
+    if not ok:
+        raise ValueError(f"{name}: unsupported or corrupted quant_state {qs}: need quant_type 'nf4', "
+                         f"blocksize in {NF4_BLOCKSIZES}, a 2-D shape and a torch dtype")
+    return qs
+
+
+def _skipped(name: str, skip: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_model(model: nn.Module, config: NF4Config | None = None) -> nn.Module:
+    """Replace every nn.Linear of `model` by an NF4 `Linear4bit`, in place; returns `model`.
+
+    Skipped: `lm_head`, the model's output embedding, and the names in `config.skip_modules`
+    (a name or a dotted suffix). All layers are quantized before the first swap, so an error
+    leaves the model unchanged. GPT-2's Conv1D is not converted (not a plain nn.Linear).
+    """
+    config = config or NF4Config()
+    skip = ["lm_head", *(config.skip_modules or [])]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    swaps = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and module is not head and not _skipped(name, skip):
+            try:
+                swaps.append((name, Linear4bit.from_linear(module, config)))
+            except ValueError as err:
+                raise ValueError(f"quantize_model: {name}: {err}") from None
+    for name, layer in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return model
+
+
+def from_bnb_model(model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Swap every `bitsandbytes.nn.Linear4bit` (nf4) of a model, e.g. one transformers loaded with
+    `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`, for a fastpeft
+    `Linear4bit` holding the same codes (no re-quantization); in place, returns `model`. All
+    layers are converted before the first swap, so a bad layer (fp4, ...) leaves it unchanged."""
+    import bitsandbytes as bnb
+
+    swaps = []
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            try:
+                swaps.append((name, Linear4bit.from_bnb(module, compute_dtype)))
+            except ValueError as err:
+                raise ValueError(f"from_bnb_model: {name}: {err}") from None
+    for name, layer in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return model

@@ -1,0 +1,184 @@
+"""The fused LoRA kernel's variant switches against kernels/reference.py, and their gradients.
+
+HAS_RANK_SCALE scales the [M, r] register tile by AdaLoRA's E before the up-projection;
+HAS_COL_SCALE scales the pre-bias accumulator by DoRA's ``m / ||W + s B A||``. Both run under the
+interpreter on a CPU; the gradient tests go through `fastpeft.ops.lora_linear` on both backends
+and compare with torch autograd through the reference.
+"""
+import math
+
+import pytest
+import torch
+
+from fastpeft import ops
+from fastpeft.kernels import lora, reference
+
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# As in tests/kernels/test_lora.py: O(1) outputs, a few ulps of the dtype. The scales are O(1)
+# (e in [-2, 2] with some exact zeros, f in [0.5, 1.5]), so they keep the outputs O(1).
+TOL = {FP32: (2e-5, 2e-5), FP16: (3e-3, 3e-3), BF16: (2.5e-2, 2.5e-2)}
+
+
+def _rand(g, *shape, dtype, device, scale=1.0, layout="contig"):
+    """Random data; `layout` "t" builds a transposed view, "step" a view with inner stride 2."""
+    if layout == "t":
+        t = (torch.randn(*shape[::-1], generator=g) * scale).to(device=device, dtype=dtype).t()
+    elif layout == "step":
+        wide = (torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * scale).to(device=device, dtype=dtype)
+        t = wide[..., ::2]
+    else:
+        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+    return t
+
+
+def _case(M, K, N, r, dtype, device, *, bias, e, f, x_layout="contig", w_layout="contig", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = {
+        "x": _rand(g, M, K, dtype=dtype, device=device, layout=x_layout),
+        "weight": _rand(g, N, K, dtype=dtype, device=device, scale=K ** -0.5, layout=w_layout),
+        "bias": _rand(g, N, dtype=dtype, device=device) if bias else None,
+        "lora_A": _rand(g, r, K, dtype=dtype, device=device, scale=K ** -0.5),
+        "lora_B": _rand(g, N, r, dtype=dtype, device=device, scale=r ** -0.5),
+        "rank_scale": None,
+        "col_scale": None,
+    }
+    if e:  # AdaLoRA's E after masking: some ranks exactly zero, given as a strided view
+        vals = torch.rand(2 * r, generator=g) * 4 - 2
+        vals[::3] = 0.0
+        t["rank_scale"] = vals.to(device=device, dtype=dtype)[::2]
+    if f:
+        t["col_scale"] = (torch.rand(N, generator=g) + 0.5).to(device=device, dtype=dtype)
+    return t
+
+
+def _close(got, want):
+    atol, rtol = TOL[want.dtype]
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) elements left in the output"
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+# (M, K, N, r, dtype, bias, rank scale, column scale, x layout, weight layout): odd sizes spanning
+# several 32-wide interpreter blocks, each switch alone and together, every dtype.
+CASES = [
+    (33, 70, 37, 6, FP32, True, True, False, "step", "contig"),
+    (7, 37, 70, 12, FP16, False, True, False, "contig", "t"),
+    (33, 70, 37, 4, FP32, True, False, True, "contig", "t"),      # DoRA on a Conv1D view
+    (1, 19, 70, 8, FP16, True, False, True, "step", "contig"),    # decode
+    (33, 37, 19, 5, FP32, True, True, True, "step", "t"),
+    (7, 70, 37, 3, BF16, True, True, True, "contig", "contig"),   # bf16: UPCAST in the interpreter
+    (33, 19, 70, 17, FP16, False, True, True, "contig", "t"),     # r = 17 pads to 32
+]
+
+
+@pytest.mark.parametrize("M,K,N,r,dtype,bias,e,f,x_layout,w_layout", CASES)
+def test_lora_fwd_variants(device, M, K, N, r, dtype, bias, e, f, x_layout, w_layout):
+    t = _case(M, K, N, r, dtype, device, bias=bias, e=e, f=f, x_layout=x_layout, w_layout=w_layout)
+    buf = torch.full((M, N + 1), float("nan"), dtype=dtype, device=device)
+    got = lora.lora_fwd(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.75, out=buf[:, :N],
+                        rank_scale=t["rank_scale"], col_scale=t["col_scale"])
+    assert got.data_ptr() == buf.data_ptr()
+    assert torch.isnan(buf[:, N]).all(), "kernel wrote past the last column"
+    want = reference.lora_fwd(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.75,
+                              rank_scale=t["rank_scale"], col_scale=t["col_scale"])
+    _close(got, want)
+
+
+@pytest.mark.parametrize("M,K,N,r,dtype,_b,_e,_f,dy_layout,w_layout", [c for c in CASES if c[6]])
+def test_lora_bwd_dx_rank_scale(device, M, K, N, r, dtype, _b, _e, _f, dy_layout, w_layout):
+    t = _case(M, K, N, r, dtype, device, bias=False, e=True, f=False, w_layout=w_layout)
+    dy = _rand(torch.Generator().manual_seed(9), M, N, dtype=dtype, device=device, layout=dy_layout)
+    out = torch.full((M, K), float("nan"), dtype=dtype, device=device)
+    got = lora.lora_bwd_dx(dy, t["weight"], t["lora_A"], t["lora_B"], -1.5, out=out, rank_scale=t["rank_scale"])
+    assert got is out
+    _close(got, reference.lora_bwd_dx(dy, t["weight"], t["lora_A"], t["lora_B"], -1.5, rank_scale=t["rank_scale"]))
+
+
+def test_masked_ranks_contribute_nothing(device):
+    """A zero in E is the same layer as the rank removed (what AdaLoRA's shrunk checkpoint holds)."""
+    t = _case(33, 70, 37, 9, FP32, device, bias=True, e=True, f=False)
+    keep = t["rank_scale"] != 0
+    assert 0 < int(keep.sum()) < 9
+    full = lora.lora_fwd(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0, rank_scale=t["rank_scale"])
+    kept = lora.lora_fwd(t["x"], t["weight"], t["bias"], t["lora_A"][keep], t["lora_B"][:, keep].contiguous(), 2.0,
+                         rank_scale=t["rank_scale"][keep].contiguous())
+    _close(full, kept)
+
+
+def test_unit_scales_equal_plain_lora(device):
+    t = _case(7, 37, 19, 4, FP16, device, bias=True, e=False, f=False)
+    ones_r = torch.ones(4, dtype=FP16, device=device)
+    ones_n = torch.ones(19, dtype=FP16, device=device)
+    plain = lora.lora_fwd(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.5)
+    scaled = lora.lora_fwd(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.5,
+                           rank_scale=ones_r, col_scale=ones_n)
+    torch.testing.assert_close(scaled, plain, rtol=0, atol=0)
+
+
+def test_launcher_and_op_reject_bad_scales(device):
+    t = _case(3, 37, 19, 4, FP32, device, bias=False, e=True, f=True)
+    args = (t["x"], t["weight"], None, t["lora_A"], t["lora_B"], 1.0)
+    with pytest.raises(ValueError, match="rank_scale"):
+        lora.lora_fwd(*args, rank_scale=t["rank_scale"][:3])
+    with pytest.raises(ValueError, match="col_scale"):
+        lora.lora_fwd(*args, col_scale=t["col_scale"].half())
+    with pytest.raises(ValueError, match="rank_scale must be \\[r\\]"):
+        ops.lora_linear(*args, rank_scale=t["rank_scale"][:3])
+    with pytest.raises(ValueError, match="col_scale dtype"):
+        ops.lora_linear(*args, col_scale=t["col_scale"].half())
+    with pytest.raises(ValueError, match="col_scale must be \\[N\\]"):
+        ops.lora_linear(*args, col_scale=t["col_scale"][:5])
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype,bias,e,f,grad", [
+    (FP32, True, True, False, ("x", "lora_A", "lora_B", "rank_scale")),           # AdaLoRA training
+    (FP32, True, False, True, ("x", "lora_A", "lora_B", "col_scale")),            # DoRA training
+    (FP32, False, False, True, ("x", "lora_A", "lora_B")),                        # magnitude frozen
+    (FP32, True, True, True, ("x", "weight", "bias", "lora_A", "lora_B", "rank_scale", "col_scale")),
+    (FP16, True, True, True, ("x", "lora_A", "lora_B", "rank_scale", "col_scale")),
+])
+def test_gradients_match_autograd_of_reference(device, backend, dtype, bias, e, f, grad):
+    M, K, N, r, s = 9, 37, 19, 5, 1.25
+    t = _case(M, K, N, r, dtype, device, bias=bias, e=e, f=f, w_layout="t", seed=3)
+    leaves = {}
+    for name in grad:  # fresh leaves (contiguous copies of the views) that require grad
+        leaves[name] = t[name] = t[name].detach().clone().requires_grad_(True)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    y = ops.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], s,
+                        rank_scale=t["rank_scale"], col_scale=t["col_scale"])
+    y.backward(dy)
+    got = {k: v.grad for k, v in leaves.items()}
+
+    f32 = {k: (None if v is None else v.detach().float().requires_grad_(k in grad)) for k, v in t.items()}
+    want = reference.lora_fwd(f32["x"], f32["weight"], f32["bias"], f32["lora_A"], f32["lora_B"], s,
+                              rank_scale=f32["rank_scale"], col_scale=f32["col_scale"])
+    want.backward(dy.float())
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.float(), want.detach(), atol=atol, rtol=rtol)
+    for name in grad:
+        assert got[name].dtype == dtype and got[name].shape == leaves[name].shape
+        # Grads are sums over M or N terms: scale the absolute tolerance with the sum's length.
+        tol = 2 * atol * math.sqrt(max(M, N))
+        torch.testing.assert_close(got[name].float(), f32[name].grad, atol=tol, rtol=2 * rtol,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [FP32, FP16, BF16])
+@pytest.mark.parametrize("M", [1, 300])
+def test_lora_variants_gpu_sizes(M, dtype):
+    """Autotuned configs and tensor-core dots with both scales on (bf16 included)."""
+    t = _case(M, 1000, 520, 16, dtype, "cuda", bias=True, e=True, f=True, w_layout="t")
+    args = (t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0)
+    _close(lora.lora_fwd(t["x"], *args, rank_scale=t["rank_scale"], col_scale=t["col_scale"]),
+           reference.lora_fwd(t["x"], *args, rank_scale=t["rank_scale"], col_scale=t["col_scale"]))
+    dy = _rand(torch.Generator().manual_seed(2), M, 520, dtype=dtype, device="cuda")
+    _close(lora.lora_bwd_dx(dy, t["weight"], t["lora_A"], t["lora_B"], 2.0, rank_scale=t["rank_scale"]),
+           reference.lora_bwd_dx(dy, t["weight"], t["lora_A"], t["lora_B"], 2.0, rank_scale=t["rank_scale"]))

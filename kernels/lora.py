@@ -27,11 +27,11 @@ jit code and launchers only: no autograd, no nn (see fastpeft/ops.py).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fastpeft.kernels.tiles import INTERPRET_CONFIG, gpu_configs, grouped_tile, interpreting, lora_epilogue
 
 __all__ = ["lora_fwd", "lora_bwd_dx"]
 
@@ -67,17 +67,7 @@ def _lora_fwd_kernel(
 ):
     """y[M, P] = f[P] * (x[M, Q] @ w[Q, P] + scaling * ((x @ a[Q, R]) * e[R]) @ b[R, P]) + bias[P],
     fp32 acc; e and f are 1 unless HAS_RANK_SCALE / HAS_COL_SCALE."""
-    # GROUP_M ordering: consecutive programs share column blocks of w, so they stay in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(P, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = grouped_tile(M, P, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -108,60 +98,32 @@ def _lora_fwd_kernel(
         w_ptrs += BLOCK_K * stride_wq
         a_ptrs += BLOCK_K * stride_aq
 
-    # Epilogue: the LoRA up-projection on the register tile, then bias, then one cast at the store.
-    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bp
-    b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    if HAS_RANK_SCALE:  # in fp32, before the tile is rounded to the operand dtype
-        e = tl.load(e_ptr + offs_r * stride_e, mask=mask_r, other=0.0)
-        xa = xa * e.to(tl.float32)[None, :]
-    if UPCAST:
-        b = b.to(tl.float32)
-    else:
-        xa = xa.to(b.dtype)  # operand dtype, so tl.dot stays on tensor cores for fp16/bf16
-    acc += scaling * tl.dot(xa, b, input_precision=INPUT_PRECISION)
-    if HAS_COL_SCALE:
-        f = tl.load(f_ptr + offs_n * stride_f, mask=mask_n, other=0.0)
-        acc = acc * f.to(tl.float32)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-
+    acc = lora_epilogue(acc, xa, b_ptr, e_ptr, f_ptr, bias_ptr, offs_r, offs_n, mask_r, mask_n,
+                        stride_br, stride_bp, stride_e, stride_f, stride_bias, scaling,
+                        True, HAS_RANK_SCALE, HAS_COL_SCALE, HAS_BIAS, UPCAST, INPUT_PRECISION)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yp
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _gpu_configs():
-    """Autotune space on a GPU: small BLOCK_M for decode (M <= 16), larger tiles for prefill."""
-    shapes = [
-        # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        (16, 32, 128, 4, 4),     # decode, narrow columns: more programs for a wide N
-        (16, 64, 128, 4, 4),
-        (16, 128, 64, 4, 4),
-        (32, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),      # prefill
-        (64, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4),
-        (128, 128, 32, 8, 3),
-        (128, 256, 64, 8, 3),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=nw, num_stages=ns) for bm, bn, bk, nw, ns in shapes]
-
-
-# Interpreter: one fixed small config (it cannot autotune). Large-ish tiles keep the number of
-# Python-emulated programs low; the tests' odd shapes still span several blocks on each axis.
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+# Autotune space on a GPU: small BLOCK_M for decode (M <= 16), larger tiles for prefill.
+_GPU_SHAPES = [
+    # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+    (16, 32, 128, 4, 4),     # decode, narrow columns: more programs for a wide N
+    (16, 64, 128, 4, 4),
+    (16, 128, 64, 4, 4),
+    (32, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4),      # prefill
+    (64, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (128, 128, 32, 8, 3),
+    (128, 256, 64, 8, 3),
+]
 
 # The autotuned wrapper of the same kernel, used only on a real GPU. It is keyed on the
 # power-of-two bucket of M rather than M itself so that every new sequence length does not
 # re-tune. Autotune benchmarks on first sight of a key: warm up before CUDA-graph capture.
 _lora_fwd_kernel_tuned = triton.autotune(
-    configs=_gpu_configs(), key=["M_BUCKET", "P", "Q", "R_PAD"])(_lora_fwd_kernel)
-
-
-def _interpreting() -> bool:
-    """True when the kernel was built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return not isinstance(_lora_fwd_kernel, triton.runtime.JITFunction)
+    configs=gpu_configs(_GPU_SHAPES), key=["M_BUCKET", "P", "Q", "R_PAD"])(_lora_fwd_kernel)
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple, ref: torch.Tensor) -> None:
@@ -181,7 +143,7 @@ def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None):
         raise ValueError(f"x: dtype must be float32|float16|bfloat16, got {x.dtype}")
     if R < 1:
         raise ValueError(f"rank must be >= 1, got {R}")
-    interpret = _interpreting()
+    interpret = interpreting(_lora_fwd_kernel)
     if not interpret and not x.is_cuda:
         raise ValueError(f"x is on {x.device}: Triton kernels need CUDA tensors "
                          "(or TRITON_INTERPRET=1 set before triton is imported)")
@@ -206,7 +168,7 @@ def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None):
     )
     kernel = _lora_fwd_kernel if interpret else _lora_fwd_kernel_tuned
     if interpret:
-        meta.update(_INTERPRET_CONFIG)
+        meta.update(INTERPRET_CONFIG)
     kernel[_grid](
         x, wt, bias if has_bias else x, at, bt, out,
         x if rank_scale is None else rank_scale, x if col_scale is None else col_scale,

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpeft.kernels.tiles import INTERPRET_CONFIG, gpu_configs, grouped_tile, interpreting, lora_epilogue
+
 __all__ = ["nf4_dequantize", "nf4_linear_fwd", "nf4_linear_bwd_dx"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,6 +71,7 @@ def _nf4_linear_fwd_kernel(
     # pointers: activations, NF4 state, bias, LoRA factors, output
     x_ptr, packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
     bias_ptr, a_ptr, b_ptr, y_ptr,
+    e_ptr, f_ptr,                   # rank scale [R], column scale [P] (read only when switched on)
     # sizes: x [M, Q], W^(T) [Q, P], a [Q, R], b [R, P], y [M, P]; M_BUCKET only keys the autotuner
     M, P, Q, R, M_BUCKET, blocksize,
     # strides: x, y, a, b, bias in elements; the weight's in its flat [N*K] index
@@ -78,25 +81,19 @@ def _nf4_linear_fwd_kernel(
     stride_br, stride_bp,
     stride_bias,
     stride_ym, stride_yp,
+    stride_e, stride_f,
     scaling,
     # meta-parameters
     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_RANK_SCALE: tl.constexpr,   # AdaLoRA's E on the x @ A^T tile
+    HAS_COL_SCALE: tl.constexpr,    # DoRA's m / ||W + s B A|| on the pre-bias accumulator
     R_PAD: tl.constexpr,            # max(16, next_power_of_2(R)): tl.dot needs dims >= 16
     UPCAST: tl.constexpr,           # interpreter + bf16: compute in fp32 right after each load
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no tf32)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y = x @ dequant(W)[Q, P] + bias + scaling * (x @ a) @ b, fp32 accumulation."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(P, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    """y = f * (x @ dequant(W)[Q, P] + scaling * ((x @ a) * e) @ b) + bias, fp32 accumulation."""
+    pid_m, pid_n = grouped_tile(M, P, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -130,44 +127,29 @@ def _nf4_linear_fwd_kernel(
         x_ptrs += BLOCK_K * stride_xq
         w_idx += BLOCK_K * stride_wq
 
-    if HAS_LORA:
-        b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bp,
-                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            b = b.to(tl.float32)
-        else:
-            xa = xa.to(b.dtype)
-        acc += scaling * tl.dot(xa, b, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-
+    acc = lora_epilogue(acc, xa, b_ptr, e_ptr, f_ptr, bias_ptr, offs_r, offs_n, mask_r, mask_n,
+                        stride_br, stride_bp, stride_e, stride_f, stride_bias, scaling,
+                        HAS_LORA, HAS_RANK_SCALE, HAS_COL_SCALE, HAS_BIAS, UPCAST, INPUT_PRECISION)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yp
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _gpu_configs():
-    """Autotune space on a GPU: BLOCK_M = 16 with long K tiles for decode, larger tiles for prefill."""
-    shapes = [
-        # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 128, 64, 4, 4),
-        (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
-        (128, 64, 64, 8, 3),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=nw, num_stages=ns) for bm, bn, bk, nw, ns in shapes]
-
-
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+# Autotune space on a GPU: BLOCK_M = 16 with long K tiles for decode, larger tiles for prefill.
+_GPU_SHAPES = [
+    # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+    (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 128, 64, 4, 4),
+    (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
+    (128, 64, 64, 8, 3),
+]
 _DEQUANT_BLOCK = 1024
 
 _nf4_linear_fwd_kernel_tuned = triton.autotune(
-    configs=_gpu_configs(), key=["M_BUCKET", "P", "Q", "R_PAD", "NESTED", "HAS_LORA"],
+    configs=gpu_configs(_GPU_SHAPES), key=["M_BUCKET", "P", "Q", "R_PAD", "NESTED", "HAS_LORA"],
 )(_nf4_linear_fwd_kernel)
 
 
 def _interpreting() -> bool:
-    return not isinstance(_nf4_linear_fwd_kernel, triton.runtime.JITFunction)
+    return interpreting(_nf4_linear_fwd_kernel)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -227,8 +209,9 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int,
     return out
 
 
-def _launch(inp, state, is_nested, blocksize, stride_wq, stride_wp, P, bias, at, bt, scaling, out):
-    """out[M, P] = inp[M, Q] @ dequant(W)[Q, P] + bias + scaling * (inp @ at) @ bt."""
+def _launch(inp, state, is_nested, blocksize, stride_wq, stride_wp, P, bias, at, bt, scaling, out,
+            rank_scale=None, col_scale=None):
+    """out[M, P] = f * (inp[M, Q] @ dequant(W)[Q, P] + scaling * ((inp @ at) * e) @ bt) + bias."""
     M, Q = inp.shape
     if inp.dtype not in _DTYPES:
         raise ValueError(f"x: dtype must be float32|float16|bfloat16, got {inp.dtype}")
@@ -248,17 +231,19 @@ def _launch(inp, state, is_nested, blocksize, stride_wq, stride_wp, P, bias, at,
 
     meta = dict(
         NESTED=is_nested, HAS_BIAS=has_bias, HAS_LORA=has_lora,
+        HAS_RANK_SCALE=rank_scale is not None, HAS_COL_SCALE=col_scale is not None,
         R_PAD=max(16, triton.next_power_of_2(R)),
         UPCAST=interpret and inp.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if inp.dtype == torch.float32 else "tf32",
     )
     kernel = _nf4_linear_fwd_kernel if interpret else _nf4_linear_fwd_kernel_tuned
     if interpret:
-        meta.update(_INTERPRET_CONFIG)
+        meta.update(INTERPRET_CONFIG)
     dummy = inp
     kernel[_grid](
         inp, *state, bias if has_bias else dummy, at if has_lora else dummy,
         bt if has_lora else dummy, out,
+        dummy if rank_scale is None else rank_scale, dummy if col_scale is None else col_scale,
         M, P, Q, R, triton.next_power_of_2(M), blocksize,
         inp.stride(0), inp.stride(1),
         stride_wq, stride_wp,
@@ -266,6 +251,8 @@ def _launch(inp, state, is_nested, blocksize, stride_wq, stride_wp, P, bias, at,
         bt.stride(0) if has_lora else 0, bt.stride(1) if has_lora else 0,
         bias.stride(0) if has_bias else 0,
         out.stride(0), out.stride(1),
+        0 if rank_scale is None else rank_scale.stride(0),
+        0 if col_scale is None else col_scale.stride(0),
         float(scaling),
         **meta,
     )
@@ -286,13 +273,25 @@ def _check_lora(lora_A, lora_B, N, K, ref):
             raise ValueError(f"{name}: expected {ref.dtype} on {ref.device}, got {t.dtype} on {t.device}")
 
 
+def _check_scales(rank_scale, col_scale, lora_A, N, ref):
+    if rank_scale is not None and (lora_A is None or tuple(rank_scale.shape) != (lora_A.shape[0],)):
+        raise ValueError(f"rank_scale: expected [r] next to lora_A, got {list(rank_scale.shape)}")
+    if col_scale is not None and tuple(col_scale.shape) != (N,):
+        raise ValueError(f"col_scale: expected [{N}], got {list(col_scale.shape)}")
+    for name, t in (("rank_scale", rank_scale), ("col_scale", col_scale)):
+        if t is not None and (t.dtype != ref.dtype or t.device != ref.device):
+            raise ValueError(f"{name}: expected {ref.dtype} on {ref.device}, got {t.dtype} on {t.device}")
+
+
 def nf4_linear_fwd(x2d, packed, absmax, shape, blocksize, nested, bias, lora_A, lora_B, scaling,
-                   code4, out=None):
+                   code4, out=None, *, rank_scale=None, col_scale=None):
     """y = x dequant(Wq)^T + b + s (x A^T) B^T in one launch (the LoRA term only with A and B).
 
     x2d: [M, K] fp32|fp16|bf16 any strides; NF4 state as in `nf4_dequantize` with shape (N, K);
     bias: [N] x2d.dtype or None; lora_A: [r, K], lora_B: [N, r] x2d.dtype, or both None;
     scaling: float; out: [M, N] x2d.dtype any strides, or None -> out.
+    rank_scale: [r] x2d.dtype or None, AdaLoRA's E: ``s ((x A^T) diag(e)) B^T``;
+    col_scale: [N] x2d.dtype or None, DoRA's factor: ``y = f * (x W^T + s (x A^T) B^T) + b``.
     """
     if x2d.dim() != 2 or x2d.shape[1] != shape[1]:
         raise ValueError(f"x2d: expected [M, {shape[1]}], got {list(x2d.shape)}")
@@ -301,20 +300,23 @@ def nf4_linear_fwd(x2d, packed, absmax, shape, blocksize, nested, bias, lora_A, 
     _check_lora(lora_A, lora_B, N, K, x2d)
     if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != x2d.dtype):
         raise ValueError(f"bias: expected [{N}] {x2d.dtype}, got {list(bias.shape)} {bias.dtype}")
+    _check_scales(rank_scale, col_scale, lora_A, N, x2d)
     at = None if lora_A is None else lora_A.t()
     bt = None if lora_B is None else lora_B.t()
-    return _launch(x2d, state, is_nested, blocksize, 1, K, N, bias, at, bt, scaling, out)
+    return _launch(x2d, state, is_nested, blocksize, 1, K, N, bias, at, bt, scaling, out, rank_scale, col_scale)
 
 
 def nf4_linear_bwd_dx(dy2d, packed, absmax, shape, blocksize, nested, lora_A, lora_B, scaling,
-                      code4, out=None):
+                      code4, out=None, *, rank_scale=None):
     """dX = dY dequant(Wq) + s (dY B) A: the same kernel over the transposed weight access.
 
     dy2d: [M, N] any strides; the rest as in `nf4_linear_fwd` -> out, [M, K] dy2d.dtype.
+    rank_scale: ``dX = dY W + s ((dY B) diag(e)) A`` (DoRA's column scale: the caller scales dY).
     """
     if dy2d.dim() != 2 or dy2d.shape[1] != shape[0]:
         raise ValueError(f"dy2d: expected [M, {shape[0]}], got {list(dy2d.shape)}")
     N, K = shape
     state, is_nested = _state_args(packed, absmax, shape, blocksize, nested, code4)
     _check_lora(lora_A, lora_B, N, K, dy2d)
-    return _launch(dy2d, state, is_nested, blocksize, K, 1, K, None, lora_B, lora_A, scaling, out)
+    _check_scales(rank_scale, None, lora_A, N, dy2d)
+    return _launch(dy2d, state, is_nested, blocksize, K, 1, K, None, lora_B, lora_A, scaling, out, rank_scale)

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU only: torch intra-op threads while timing (default 1)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     b.add_argument("--sections", type=_names, metavar="A,B",
-                   help="comma-separated subset of: kernels, methods (default: both)")
+                   help="comma-separated subset of: kernels, nf4, methods, training (default: all)")
     b.add_argument("--methods", type=_names, metavar="A,B",
                    help="comma-separated methods for the methods section (default: all)")
     b.add_argument("--model", metavar="PATH",
@@ -83,7 +83,7 @@ def _bench(args: argparse.Namespace) -> int:
         names = bench.methods.check_methods(args.methods)
         out = bench.prepare_out(args.out) if args.out else None
         model = None
-        if args.model and "methods" in sections:
+        if args.model and ("methods" in sections or "training" in sections):
             model = bench.methods.load_model(args.model, device, args.quick)
     except bench.BenchError as e:
         print(f"fastpeft bench: error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from fastpeft import checkpoint
 from fastpeft.config import PeftConfig
 from fastpeft.methods import TUNERS
 from fastpeft.methods.base import BaseTuner
+from fastpeft.quant.nf4 import Linear4bit
 
 SEQ_CLS_HEADS = ["classifier", "score"]
 # Keyword arguments of PEFT's methods that change nothing here (device placement, memory tricks,
@@ -147,8 +148,11 @@ class PeftModel(nn.Module):
 
     # -- parameters ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameters. A 4-bit base weight is a uint8 buffer here, not a
+        parameter; it counts as its two weights per byte, as PEFT counts bnb's Params4bit."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        packed = sum(m.weight.numel() * 2 for m in self.modules() if isinstance(m, Linear4bit))
+        return trainable, sum(p.numel() for p in self.parameters()) + packed
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -109,12 +109,7 @@ def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout,
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"lora_linear: bias must be [N] = [{N}]; got bias {list(bias.shape)} "
                          f"and weight {list(weight.shape)}")
-    if rank_scale is not None and tuple(rank_scale.shape) != (r,):
-        raise ValueError(f"lora_linear: rank_scale must be [r] = [{r}] (r from lora_A); got "
-                         f"rank_scale {list(rank_scale.shape)}, lora_A {list(lora_A.shape)}")
-    if col_scale is not None and tuple(col_scale.shape) != (N,):
-        raise ValueError(f"lora_linear: col_scale must be [N] = [{N}] (N from weight); got "
-                         f"col_scale {list(col_scale.shape)}, weight {list(weight.shape)}")
+    _check_scale_shapes("lora_linear", rank_scale, col_scale, lora_A, N, f"weight {list(weight.shape)}")
 
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"lora_linear: x dtype must be float32|float16|bfloat16, got x {x.dtype}")
@@ -127,12 +122,77 @@ def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout,
                              f"({name} {_describe(t)}, x {_describe(x)})")
 
 
-class LoraLinearFunction(torch.autograd.Function):
-    """Fused LoRA linear on 2-D activations; the backend is fixed at forward time.
+def _check_scale_shapes(op: str, rank_scale, col_scale, lora_A, N: int, n_source: str) -> None:
+    """AdaLoRA's rank scale must be [r] (r from lora_A), DoRA's column scale [N] (N from the base
+    weight, described by `n_source`); dtypes and devices are checked with the other tensors."""
+    for name, t in (("rank_scale", rank_scale), ("col_scale", col_scale)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if rank_scale is not None:
+        if lora_A is None:
+            raise ValueError(f"{op}: rank_scale scales the LoRA ranks: pass it with lora_A and lora_B")
+        r = lora_A.shape[0]
+        if tuple(rank_scale.shape) != (r,):
+            raise ValueError(f"{op}: rank_scale must be [r] = [{r}] (r from lora_A); got "
+                             f"rank_scale {list(rank_scale.shape)}, lora_A {list(lora_A.shape)}")
+    if col_scale is not None and tuple(col_scale.shape) != (N,):
+        raise ValueError(f"{op}: col_scale must be [N] = [{N}] (N from the base weight); got "
+                         f"col_scale {list(col_scale.shape)}, {n_source}")
 
-    forward(x2d [M, K], weight [N, K], bias [N]|None, lora_A [r, K], lora_B [N, r], scaling: float,
-    backend: "triton"|"torch", rank_scale [r]|None, col_scale [N]|None) -> [M, N] x2d.dtype,
-    ``y = f * (x W^T + s ((x A^T) diag(e)) B^T) + b`` (e, f = 1 when None).
+
+def _fused_fwd(backend, nf4_args, x2d, weight, bias, lora_A, lora_B, scaling, rank_scale, col_scale):
+    """The forward kernel (or reference) of a LoRA linear on a dense `weight`, or, when `nf4_args`
+    is given (see `_nf4_args`), on that NF4 weight."""
+    if nf4_args is None:
+        return _lora_kernels(backend).lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling,
+                                               rank_scale=rank_scale, col_scale=col_scale)
+    packed, absmax, shape, blocksize, nested, code4 = nf4_args
+    if backend == "triton":
+        return _nf4_kernels(backend).nf4_linear_fwd(
+            x2d, packed, absmax, shape, blocksize, nested, bias, lora_A, lora_B, scaling, code4,
+            rank_scale=rank_scale, col_scale=col_scale)
+    return reference.nf4_linear_fwd(x2d, packed, absmax, shape, blocksize, nested, bias, lora_A,
+                                    lora_B, scaling, rank_scale=rank_scale, col_scale=col_scale)
+
+
+def _fused_bwd_dx(backend, nf4_args, dz, weight, lora_A, lora_B, scaling, rank_scale):
+    """``dX = dZ W + s ((dZ B) diag(e)) A`` on the same base as `_fused_fwd`."""
+    if nf4_args is None:
+        return _lora_kernels(backend).lora_bwd_dx(dz, weight, lora_A, lora_B, scaling,
+                                                  rank_scale=rank_scale)
+    packed, absmax, shape, blocksize, nested, code4 = nf4_args
+    if backend == "triton":
+        return _nf4_kernels(backend).nf4_linear_bwd_dx(
+            dz, packed, absmax, shape, blocksize, nested, lora_A, lora_B, scaling, code4,
+            rank_scale=rank_scale)
+    return reference.nf4_linear_bwd_dx(dz, packed, absmax, shape, blocksize, nested, lora_A,
+                                       lora_B, scaling, rank_scale=rank_scale)
+
+
+def _dropout_lora(base, x, lora_A, lora_B, scaling, dropout, rank_scale, col_scale):
+    """PEFT's LoRA layer when its dropout is on: the LoRA branch (and DoRA's correction) sees a
+    dropped-out ``x_d``, the base path does not, so nothing is fused and plain autograd runs:
+    ``base(x) + s lora(x_d)``, with DoRA ``base(x) + (f - 1) * (x_d W^T) + f * s lora(x_d)``
+    (``lora(x) = ((x A^T) diag(e)) B^T``). `base(inp, with_bias)` is the bare base layer."""
+    xd = F.dropout(x, dropout, training=True)
+    xa = F.linear(xd, lora_A)
+    lora = F.linear(xa if rank_scale is None else xa * rank_scale, lora_B)
+    if col_scale is None:
+        return base(x, True) + scaling * lora
+    return base(x, True) + (col_scale - 1) * base(xd, False) + col_scale * (scaling * lora)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Fused LoRA linear on 2-D activations, over a dense or an NF4 base: the one place that
+    holds the backward maths of the LoRA factors and the AdaLoRA/DoRA scales.
+
+    forward(x2d [M, K], weight [N, K]|None, bias [N]|None, lora_A [r, K]|None, lora_B [N, r]|None,
+    scaling: float, backend: "triton"|"torch", rank_scale [r]|None, col_scale [N]|None,
+    nf4_args: tuple|None) -> [M, N] x2d.dtype, ``y = f * (x W^T + s ((x A^T) diag(e)) B^T) + b``
+    (e, f = 1 when None). The base is `weight`, or with `nf4_args` (see `_nf4_args`; weight None)
+    a frozen NF4 weight whose forward and dX run the fused dequant kernels of `kernels/nf4.py`;
+    lora_A/lora_B may be None only on an NF4 base (the bare 4-bit layer). The backend is fixed at
+    forward time.
     Backward returns grads only for the inputs that need them: dX through the fused kernel
     (``dX = dZ W + s ((dZ B) diag(e)) A`` with dZ = f * dY, the same kernel as the forward with
     operands swapped), dA = s ((dZ B) diag(e))^T X and dB = s dZ^T (X A^T) diag(e) as plain GEMMs
@@ -144,21 +204,21 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling, backend, rank_scale=None,
-                col_scale=None):
-        kernels = _lora_kernels(backend)
+                col_scale=None, nf4_args=None):
         need = ctx.needs_input_grad
         need_f = col_scale is not None and need[8]
         if need_f:
-            z = kernels.lora_fwd(x2d, weight, None, lora_A, lora_B, scaling, rank_scale=rank_scale)
+            z = _fused_fwd(backend, nf4_args, x2d, weight, None, lora_A, lora_B, scaling,
+                           rank_scale, None)
             y = z * col_scale if bias is None else torch.addcmul(bias, z, col_scale)
         else:
             z = None
-            y = kernels.lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling,
-                                 rank_scale=rank_scale, col_scale=col_scale)
+            y = _fused_fwd(backend, nf4_args, x2d, weight, bias, lora_A, lora_B, scaling,
+                           rank_scale, col_scale)
         # X is needed only for the weight-side grads; dX needs just W, A, B (and the scales).
         ctx.save_for_backward(x2d if (need[1] or need[3] or need[4] or need[7]) else None,
                               weight, lora_A, lora_B, rank_scale, col_scale, z)
-        ctx.scaling, ctx.backend = scaling, backend
+        ctx.scaling, ctx.backend, ctx.nf4_args = scaling, backend, nf4_args
         return y
 
     @staticmethod
@@ -170,7 +230,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dx = dw = db = dA = dB = de = df = None
         dz = dy if f is None else dy * f
         if need_x:
-            dx = _lora_kernels(ctx.backend).lora_bwd_dx(dz, weight, lora_A, lora_B, s, rank_scale=e)
+            dx = _fused_bwd_dx(ctx.backend, ctx.nf4_args, dz, weight, lora_A, lora_B, s, e)
         if need_A or need_e:
             dzb = dz @ lora_B                             # [M, N] @ [N, r]
             if need_A:
@@ -187,7 +247,7 @@ class LoraLinearFunction(torch.autograd.Function):
             dw = dz.t() @ x2d                             # [N, M] @ [M, K]
         if need_b:
             db = dy.sum(0)
-        return dx, dw, db, dA, dB, None, None, de, df
+        return dx, dw, db, dA, dB, None, None, de, df, None
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -224,13 +284,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     which = resolve_backend(x, backend)  # validates the name even on the dropout path
     scaling = float(scaling)
     if dropout > 0.0:
-        xd = F.dropout(x, dropout, training=True)
-        xa = F.linear(xd, lora_A)
-        lora = F.linear(xa if rank_scale is None else xa * rank_scale, lora_B)
-        if col_scale is None:
-            return F.linear(x, weight, bias) + scaling * lora
-        return (F.linear(x, weight, bias) + (col_scale - 1) * F.linear(xd, weight)
-                + col_scale * (scaling * lora))
+        return _dropout_lora(lambda inp, with_bias: F.linear(inp, weight, bias if with_bias else None),
+                             x, lora_A, lora_B, scaling, dropout, rank_scale, col_scale)
     K, N = x.shape[-1], weight.shape[0]
     x2d = x.reshape(-1, K)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
@@ -305,55 +360,24 @@ def nf4_dequantize(qweight, dtype: torch.dtype = torch.float32, *, backend: str 
     return _nf4_kernels("triton").nf4_dequantize(packed, absmax, shape, blocksize, dtype, code4, nested)
 
 
-def _nf4_fwd(backend, x2d, args, bias, lora_A, lora_B, scaling):
-    packed, absmax, shape, blocksize, nested, code4 = args
-    if backend == "triton":
-        return _nf4_kernels(backend).nf4_linear_fwd(x2d, packed, absmax, shape, blocksize, nested,
-                                                    bias, lora_A, lora_B, scaling, code4)
-    return reference.nf4_linear_fwd(x2d, packed, absmax, shape, blocksize, nested, bias, lora_A,
-                                    lora_B, scaling)
+class NF4LinearFunction:
+    """The NF4 Function's former entry point, kept for callers: `LoraLinearFunction` on an NF4
+    base (same maths; the 4-bit weight never gets a gradient).
 
-
-class NF4LinearFunction(torch.autograd.Function):
-    """Fused NF4 (+LoRA) linear on 2-D activations; the 4-bit base weight never gets a gradient.
-
-    forward(x2d [M, K], bias [N]|None, lora_A [r, K]|None, lora_B [N, r]|None, scaling, args,
-    backend) -> [M, N]. Backward: dX through the fused dequant kernel on the transposed weight
-    access (``dX = dY W + s (dY B) A``), dA = s (dY B)^T X, dB = s dY^T (X A^T), dbias = sum(dY).
+    apply(x2d [M, K], bias [N]|None, lora_A [r, K]|None, lora_B [N, r]|None, scaling, args,
+    backend, rank_scale [r]|None, col_scale [N]|None) -> [M, N], args from `_nf4_args`.
     """
 
     @staticmethod
-    def forward(ctx, x2d, bias, lora_A, lora_B, scaling, args, backend):
-        y = _nf4_fwd(backend, x2d, args, bias, lora_A, lora_B, scaling)
-        ctx.save_for_backward(x2d, lora_A, lora_B)
-        ctx.scaling, ctx.args, ctx.backend = scaling, args, backend
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, lora_A, lora_B = ctx.saved_tensors
-        s, (packed, absmax, shape, blocksize, nested, code4) = ctx.scaling, ctx.args
-        need_x, need_b, need_A, need_B = ctx.needs_input_grad[:4]
-        dx = db = dA = dB = None
-        if need_x:
-            if ctx.backend == "triton":
-                dx = _nf4_kernels("triton").nf4_linear_bwd_dx(
-                    dy, packed, absmax, shape, blocksize, nested, lora_A, lora_B, s, code4)
-            else:
-                dx = reference.nf4_linear_bwd_dx(dy, packed, absmax, shape, blocksize, nested,
-                                                 lora_A, lora_B, s)
-        if need_A:
-            dA = (s * (dy @ lora_B)).t() @ x2d
-        if need_B:
-            dB = dy.t() @ (s * (x2d @ lora_A.t()))
-        if need_b:
-            db = dy.sum(0)
-        return dx, db, dA, dB, None, None, None
+    def apply(x2d, bias, lora_A, lora_B, scaling, args, backend, rank_scale=None, col_scale=None):
+        return LoraLinearFunction.apply(x2d, None, bias, lora_A, lora_B, scaling, backend,
+                                        rank_scale, col_scale, args)
 
 
 def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | None = None,
                lora_B: Tensor | None = None, scaling: float = 1.0, *, dropout: float = 0.0,
-               backend: str | None = None) -> Tensor:
+               backend: str | None = None, rank_scale: Tensor | None = None,
+               col_scale: Tensor | None = None) -> Tensor:
     """y = x dequant(Wq)^T + b + scaling * (dropout(x) A^T) B^T, a QLoRA layer in one launch.
 
     x: [..., K] fp32|fp16|bf16 (the compute dtype); qweight: an NF4 weight of shape (N, K) (see
@@ -361,6 +385,10 @@ def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | 
     x.dtype, or both None for the bare 4-bit layer; scaling: python float -> [..., N] x.dtype.
     Checked before any kernel runs. `dropout` > 0 runs the LoRA branch unfused on a dropped-out x
     (PEFT's semantics) next to the fused base layer.
+
+    rank_scale: [r] x.dtype or None (AdaLoRA's E, needs the LoRA factors) and col_scale: [N]
+    x.dtype or None (DoRA's ``m / ||W + s B A||``, the norm detached by the caller) work as in
+    `lora_linear`, fused into the same kernel and differentiable, dropout formula included.
     """
     packed, absmax, shape, blocksize, nested, code4 = args = _nf4_args(qweight)
     N, K = shape
@@ -376,7 +404,10 @@ def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | 
         if lora_A.dim() != 2 or lora_A.shape[1] != K or r < 1 or tuple(lora_B.shape) != (N, r):
             raise ValueError(f"nf4_linear: lora_A must be [r, {K}] and lora_B [{N}, r], got "
                              f"{_describe(lora_A)} and {_describe(lora_B)}")
-    for name, t in {"bias": bias, "lora_A": lora_A, "lora_B": lora_B}.items():
+    _check_scale_shapes("nf4_linear", rank_scale, col_scale, lora_A, N,
+                        f"the NF4 weight of shape {[N, K]}")
+    for name, t in {"bias": bias, "lora_A": lora_A, "lora_B": lora_B, "rank_scale": rank_scale,
+                    "col_scale": col_scale}.items():
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"nf4_linear: {name} {_describe(t)} must match x {_describe(x)}")
     if bias is not None and tuple(bias.shape) != (N,):
@@ -388,13 +419,14 @@ def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | 
     which = resolve_backend(x, backend)
     scaling = float(scaling)
     if dropout > 0.0 and lora_A is not None:
-        base = nf4_linear(x, qweight, bias, backend=which)
-        lora = F.linear(F.linear(F.dropout(x, dropout, training=True), lora_A), lora_B)
-        return base + scaling * lora
+        return _dropout_lora(
+            lambda inp, with_bias: nf4_linear(inp, qweight, bias if with_bias else None, backend=which),
+            x, lora_A, lora_B, scaling, dropout, rank_scale, col_scale)
     x2d = x.reshape(-1, K)
-    if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
-        y = NF4LinearFunction.apply(x2d, bias, lora_A, lora_B, scaling, args, which)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            x, bias, lora_A, lora_B, rank_scale, col_scale)):
+        y = LoraLinearFunction.apply(x2d, None, bias, lora_A, lora_B, scaling, which, rank_scale,
+                                     col_scale, args)
     else:  # inference: skip the autograd.Function's per-call overhead
-        y = _nf4_fwd(which, x2d, args, bias, lora_A, lora_B, scaling)
+        y = _fused_fwd(which, args, x2d, None, bias, lora_A, lora_B, scaling, rank_scale, col_scale)
     return y.reshape(*x.shape[:-1], N)

@@ -17,8 +17,10 @@ One generic kernel serves both directions from strides in that flat index:
 term is the epilogue of `kernels/lora.py`: the K-loop also accumulates ``inp @ At`` into an fp32
 [BLOCK_M, R_PAD] tile that meets the Bt tile after the loop, so a QLoRA layer is one launch.
 
-Not done yet (see the issue): a split-K GEMV for M <= 16 (decode currently uses the same tiled
-kernel with BLOCK_M = 16 configs) and a Triton quantizer (quantizing runs the PyTorch reference).
+Two paths, picked by `path_for(M)` in `_launch` for forward and dX alike: the tiled kernel here
+for M > 16, and for decode (M <= 16) the split-K GEMV of `kernels/nf4_decode.py`, which fills the
+GPU by splitting the reduction axis as well. Not done yet (see the issue): a Triton quantizer
+(quantizing runs the PyTorch reference).
 
 jit code and launchers only: no autograd, no nn (see fastpeft/ops.py).
 """
@@ -30,10 +32,11 @@ import triton.language as tl
 
 from fastpeft.kernels.tiles import INTERPRET_CONFIG, gpu_configs, grouped_tile, interpreting, lora_epilogue
 
-__all__ = ["nf4_dequantize", "nf4_linear_fwd", "nf4_linear_bwd_dx"]
+__all__ = ["nf4_dequantize", "nf4_linear_fwd", "nf4_linear_bwd_dx", "path_for", "DECODE_MAX_M"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NESTED_BLOCKSIZE = 256
+DECODE_MAX_M = 16  # the split-K decode path serves M <= this; the tiled kernel the rest
 
 
 @triton.jit
@@ -209,6 +212,11 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int,
     return out
 
 
+def path_for(M: int) -> str:
+    """Which kernel serves M rows: "decode" (split-K GEMV, nf4_decode.py) or "tiled" (here)."""
+    return "decode" if M <= DECODE_MAX_M else "tiled"
+
+
 def _launch(inp, state, is_nested, blocksize, stride_wq, stride_wp, P, bias, at, bt, scaling, out,
             rank_scale=None, col_scale=None):
     """out[M, P] = f * (inp[M, Q] @ dequant(W)[Q, P] + scaling * ((inp @ at) * e) @ bt) + bias."""
@@ -222,6 +230,11 @@ def _launch(inp, state, is_nested, blocksize, stride_wq, stride_wp, P, bias, at,
         raise ValueError(f"out: expected [{M}, {P}] {inp.dtype}, got {list(out.shape)} {out.dtype}")
     if M == 0 or P == 0:
         return out
+    if path_for(M) == "decode":
+        from fastpeft.kernels import nf4_decode  # here, not at the top: it imports _nf4_decode from us
+
+        return nf4_decode.launch_split_k(inp, state, is_nested, blocksize, stride_wq, stride_wp, P, bias,
+                                         at, bt, scaling, out, rank_scale, col_scale)
     has_lora, has_bias = at is not None, bias is not None
     R = at.shape[1] if has_lora else 1
     interpret = _interpreting()

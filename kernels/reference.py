@@ -182,22 +182,31 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, shape: tuple[int, int], block
 
 def nf4_linear_fwd(x2d: Tensor, packed: Tensor, absmax: Tensor, shape: tuple[int, int],
                    blocksize: int, nested, bias: Tensor | None, lora_A: Tensor | None,
-                   lora_B: Tensor | None, scaling: float) -> Tensor:
+                   lora_B: Tensor | None, scaling: float, *, rank_scale: Tensor | None = None,
+                   col_scale: Tensor | None = None) -> Tensor:
     """y = x dequant(Wq)^T + b + s (x A^T) B^T with the weight dequantized to x's dtype first
     (what bnb's matmul feeds its GEMM). x2d: [M, K]; shape = (N, K); bias [N] or None; lora_A
-    [r, K] and lora_B [N, r], or both None for the bare NF4 layer -> [M, N] x2d.dtype."""
+    [r, K] and lora_B [N, r], or both None for the bare NF4 layer -> [M, N] x2d.dtype.
+    rank_scale [r] (with LoRA) and col_scale [N]: as in `lora_fwd`."""
     weight = nf4_dequantize(packed, absmax, shape, blocksize, x2d.dtype, nested)
     if lora_A is None:
         xf = x2d.float()
-        return F.linear(xf, weight.float(), None if bias is None else bias.float()).to(x2d.dtype)
-    return lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling)
+        y = F.linear(xf, weight.float())
+        if col_scale is not None:
+            y.mul_(col_scale.float())
+        if bias is not None:
+            y.add_(bias.float())
+        return y.to(x2d.dtype)
+    return lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling, rank_scale=rank_scale,
+                    col_scale=col_scale)
 
 
 def nf4_linear_bwd_dx(dy2d: Tensor, packed: Tensor, absmax: Tensor, shape: tuple[int, int],
                       blocksize: int, nested, lora_A: Tensor | None, lora_B: Tensor | None,
-                      scaling: float) -> Tensor:
-    """dX = dY dequant(Wq) + s (dY B) A, the input gradient of `nf4_linear_fwd` -> [M, K]."""
+                      scaling: float, *, rank_scale: Tensor | None = None) -> Tensor:
+    """dX = dY dequant(Wq) + s ((dY B) diag(e)) A, the input gradient of `nf4_linear_fwd` -> [M, K]
+    (DoRA's column scale: the caller scales dY)."""
     weight = nf4_dequantize(packed, absmax, shape, blocksize, dy2d.dtype, nested)
     if lora_A is None:
         return (dy2d.float() @ weight.float()).to(dy2d.dtype)
-    return lora_bwd_dx(dy2d, weight, lora_A, lora_B, scaling)
+    return lora_bwd_dx(dy2d, weight, lora_A, lora_B, scaling, rank_scale=rank_scale)

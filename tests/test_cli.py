@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from fastpeft import bench
-from fastpeft.bench import layer, methods
+from fastpeft.bench import layer, methods, training, nf4
 from fastpeft.cli import main
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
 @pytest.fixture
@@ -69,28 +70,92 @@ def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
         assert r["samples"] >= 5
     assert all(r["penalty"] == 1.0 for r in rows if r["impl"] == "base")
 
+    nf4_rows, quant_rows = _check_nf4_section(result["nf4"])
+
     md = (out / "results.md").read_text()
     summary = result["device"]["summary"]
-    assert summary in md and summary in std.out  # every table names its device
+    heads = [line for line in std.out.splitlines() if line.startswith("**")]
+    assert summary in md and len(heads) >= 4 and all(summary in h for h in heads)  # every table names its device
     table = [line for line in std.out.splitlines() if line.startswith("| ")]
     method_rows = result["methods"]["rows"]
-    assert len(table) == 2 + len(rows) + len(method_rows)  # two headers, one line per row
+    others = sum(len(v["rows"]) for k, v in result.items()  # sections other engineers add
+                 if k not in ("kernels", "nf4", "methods") and isinstance(v, dict) and "rows" in v)
+    # one header line per table, one line per row
+    assert len(table) == len(heads) + len(rows) + len(nf4_rows) + len(quant_rows) + len(method_rows) + others
     phases = {r["phase"] for r in method_rows}
     assert len(phases) == 3  # prefill, decode at two batch sizes
     timed = {(r["method"], r["impl"], r["phase"]) for r in method_rows if r["status"] == "ok"}
     expected = {("base", "base", p) for p in phases} | {(m, "fastpeft", p) for m in methods.METHODS for p in phases}
     if HAS_PEFT:
-        expected |= {(m, "peft", p) for m in methods.METHODS for p in phases}
+        expected |= {(m, "peft", p) for m in methods.METHODS for p in phases if m != "qlora" or HAS_BNB}
     assert expected <= timed, expected - timed
     for r in method_rows:
         if r["status"] == "ok":
             assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("median_us", "min_us", "max_us", "penalty")), r
         if r["impl"] == "fastpeft":
             assert r["trainable"] > 0 and 0 < r["trainable_pct"] < 100
+    train_rows = result["training"]["rows"]
+    assert {(r["method"], r["impl"]) for r in train_rows} == {
+        (m, i) for m in training.TRAINED for i in ("fastpeft", "peft")}
+    for r in train_rows:
+        if r["impl"] == "peft" and (not HAS_PEFT or (r["method"] == "qlora" and not HAS_BNB)):
+            continue
+        assert r["status"] == "ok", r
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("median_us", "min_us", "max_us")), r
     if HAS_MPL:
         assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert not (out / "plot.png").exists() and "matplotlib is not installed" in std.err
+
+
+def _check_nf4_section(section):
+    """Every (layer, M, impl) row is there with finite numbers (bnb: or "not installed"); on the
+    CPU the quantize rows too. Returns (rows, quantize rows)."""
+    s = section["shapes"]
+    rows = section["rows"]
+    assert {(r["layer"], r["m"], r["impl"]) for r in rows} == {
+        (f"{o}x{i}", m, impl) for o, i in s["layers"] for m in s["ms"] for impl in nf4.IMPLS}
+    for r in rows:
+        if r["impl"] == "bnb" and not HAS_BNB:
+            assert r["status"] == "not installed" and r["median_us"] is None
+            continue
+        assert r["status"] == "ok", r
+        for key in ("median_us", "min_us", "max_us", "vs_dense", "max_rel_err"):
+            assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
+        assert r["min_us"] <= r["median_us"] <= r["max_us"] and r["samples"] >= 5 and r["bytes"] > 0
+        assert (r["vs_nf4"] is not None) == (r["impl"] == "qlora")
+        if r["impl"] == "qlora":
+            assert math.isfinite(r["vs_nf4"]) and r["vs_nf4"] > 0
+        if r["impl"] == "dense":
+            assert r["vs_dense"] == 1.0
+        assert r["gbps"] is None and r["copy_frac"] is None  # bandwidth: CUDA only
+    quant = section["quantize"]
+    assert [r["impl"] for r in quant] == ["fastpeft", "bnb"] * len(s["layers"])
+    for r in quant:
+        if r["impl"] == "bnb" and not HAS_BNB:
+            assert r["status"] == "not installed" and r["median_us"] is None
+            continue
+        assert r["status"] == "ok", r
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("median_us", "min_us", "max_us")), r
+        assert r["vs_bnb"] is not None and math.isfinite(r["vs_bnb"])
+    return rows, quant
+
+
+def test_bench_without_bitsandbytes_says_so_never_a_number(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails
+    out = tmp_path / "out"
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(out), "--no-progress",
+                 "--sections", "nf4,methods", "--methods", "qlora"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    bnb_rows = [r for r in result["nf4"]["rows"] + result["nf4"]["quantize"] if r["impl"] == "bnb"]
+    assert bnb_rows and all(r["status"] == "not installed" and r["median_us"] is None for r in bnb_rows)
+    assert all(r["status"] == "ok" for r in result["nf4"]["rows"] + result["nf4"]["quantize"] if r["impl"] != "bnb")
+    qlora = {r["impl"]: r for r in result["methods"]["rows"] if r["method"] == "qlora"}
+    assert qlora["fastpeft"]["status"] == "ok" and qlora["fastpeft"]["median_us"] > 0
+    if HAS_PEFT:
+        assert qlora["peft"]["status"] == "not installed: bitsandbytes" and qlora["peft"]["median_us"] is None
+    md = (out / "results.md").read_text()
+    assert "| bitsandbytes Linear4bit | not installed |" in md
 
 
 def test_bench_without_peft_or_matplotlib_says_so_never_a_number(tmp_path, capsys, monkeypatch):
@@ -107,6 +172,7 @@ def test_bench_without_peft_or_matplotlib_says_so_never_a_number(tmp_path, capsy
     md = (out / "results.md").read_text()
     assert "| peft LoraLayer | not installed |" in md and "| lora | peft | not installed |" in md
     assert all(r["status"] == "ok" for r in rows if not r["impl"].startswith("peft"))
+    assert all(r["status"] == "ok" for r in result["nf4"]["rows"] if r["impl"] != "bnb" or HAS_BNB)
     assert not (out / "plot.png").exists() and "matplotlib is not installed" in err
 
 
@@ -139,6 +205,7 @@ def test_bench_cuda_without_cuda_fails_before_timing(capsys, no_timing):
     (["bench", "--threads", "0"], "--threads must be >= 1"),
     (["bench", "--methods", "lora,nope"], "--methods: unknown ['nope']"),
     (["bench", "--sections", "kernels,gpus"], "--sections: unknown ['gpus']"),
+    (["bench", "--methods", "qlora,nope"], "--methods: unknown ['nope']"),
     (["bench", "--model", "/nonexistent/model"], "--model /nonexistent/model: cannot load it"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])

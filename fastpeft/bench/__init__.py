@@ -1,8 +1,11 @@
 """`fastpeft bench`: the inference latency penalty of PEFT methods, measured on this device.
 
-Two sections, each compared against real peers in the same run:
+Four sections, each compared against real peers in the same run:
   kernels  one LoRA linear layer: base GEMM, merged, PEFT's eager recipe, peft, fastpeft (layer.py);
-  methods  every method in a whole model: prefill and decode against the bare model (methods.py).
+  nf4      one NF4 layer: dense, dequantize-then-matmul, bitsandbytes, fastpeft's fused kernel and
+           the fused QLoRA layer, with bandwidth on CUDA and quantize time on the CPU (nf4.py);
+  methods  every method in a whole model: prefill and decode against the bare model (methods.py);
+  training one optimizer step of LoRA, DoRA and QLoRA models, fastpeft vs peft (training.py).
 Timing: on CUDA `triton.testing.do_bench` (device time, warm-up excluded, L2 flushed); on the
 CPU wall clock sampled in turn, median and min-max (timing.py). Every table names its device.
 """
@@ -13,12 +16,12 @@ import time
 
 import torch
 
-from fastpeft.bench import layer, methods
+from fastpeft.bench import layer, methods, nf4, training
 from fastpeft.bench.env import BenchError, check_device, describe_device, interpreting, ops_backend, package_versions, prepare_out
 from fastpeft.bench.report import format_tables, write_outputs
 from fastpeft.bench.timing import Progress
 
-SECTIONS = ("kernels", "methods")
+SECTIONS = ("kernels", "nf4", "methods", "training")
 
 __all__ = [
     "SECTIONS", "BenchError", "check_device", "check_sections", "describe_device", "format_tables",
@@ -58,6 +61,8 @@ def run(
     try:
         total = (layer.steps(quick, device) if "kernels" in sections else 0) + (
             methods.steps(names, device, quick) if "methods" in sections else 0
+        ) + (nf4.steps(quick, device) if "nf4" in sections else 0) + (
+            training.steps(names) if "training" in sections else 0
         )
         bar = Progress(total, enabled=progress)
         result = {
@@ -75,9 +80,14 @@ def run(
         }
         if "kernels" in sections:
             result["kernels"] = layer.run(device, quick, bar)
-        if "methods" in sections:
+        if "nf4" in sections:
+            result["nf4"] = nf4.run(device, quick, bar)
+        if "methods" in sections or "training" in sections:
             base = model if model is not None else methods.load_model(None, device, quick)
+        if "methods" in sections:
             result["methods"] = methods.run(device, quick, bar, names, base)
+        if "training" in sections and getattr(base, "can_generate", lambda: False)():
+            result["training"] = training.run(device, quick, bar, names, base)
         bar.close()
         return result
     finally:

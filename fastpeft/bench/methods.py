@@ -9,6 +9,12 @@ Phases: prefill (batch x sequence, one forward) and decode (one token per step o
 the method's own prefill filled, batch 1 and 16; the cache is cropped back after every step so
 each step sees the same context). The penalty is a case's median over the base model's median in
 the same phase of the same run.
+
+qlora: the base is quantized to NF4 first (`Method.prepare`): by `fastpeft.quantize_model` for
+fastpeft, and for peft the same codes in `bitsandbytes.nn.Linear4bit` layers (as transformers
+loads a prequantized model), so both libraries run LoRA over identical 4-bit weights. Its penalty
+is still against the bare full-precision model: what QLoRA costs at inference. Not merged here:
+merging into a 4-bit base re-quantizes, which changes the weights being compared.
 """
 from __future__ import annotations
 
@@ -26,10 +32,24 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 @dataclass(frozen=True)
 class Method:
-    """`config(lib)` builds the method's config with `lib` = fastpeft or peft (same API)."""
+    """`config(lib)` builds the method's config with `lib` = fastpeft or peft (same API);
+    `prepare(base, lib)`, when set, turns a copy of the base model into the one the adapter goes
+    on (default: the copy itself)."""
 
     config: Callable[[Any], Any]
     mergeable: bool
+    prepare: Callable[[Any, Any], Any] | None = None
+
+
+def _quantized(base, lib):
+    """`base` quantized to NF4 (double quant, the model's dtype for compute) by fastpeft; for peft
+    the same codes moved into bitsandbytes' Linear4bit layers."""
+    import fastpeft
+    from fastpeft.bench.nf4 import to_bnb_model
+
+    dtype = next(base.parameters()).dtype
+    model = fastpeft.quantize_model(base, fastpeft.NF4Config(double_quant=True, compute_dtype=dtype))
+    return model if lib is fastpeft else to_bnb_model(model, dtype)
 
 
 METHODS: dict[str, Method] = {
@@ -46,6 +66,7 @@ METHODS: dict[str, Method] = {
         lambda lib: lib.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, encoder_hidden_size=128), False
     ),
     "prefix_tuning": Method(lambda lib: lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20), False),
+    "qlora": Method(lambda lib: lib.LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_LINEARS), False, _quantized),
 }
 
 
@@ -73,7 +94,9 @@ def model_shape(device: str, quick: bool) -> ModelShape:
         return ModelShape(64, 2, 4, 2, 128, 128, (2, 16), (1, 4), 16, "float32", 0.02)
     if device == "cuda":
         return ModelShape(2048, 16, 32, 8, 8192, 32000, (4, 512), (1, 16), 512, "bfloat16", 0.0)
-    return ModelShape(256, 4, 8, 4, 688, 2048, (2, 128), (1, 16), 64, "float32", 0.3)
+    # intermediate 704 (not Llama's 8/3 ratio, 688): bitsandbytes' CPU 4-bit kernels need out
+    # features divisible by 32 and in features a multiple of the NF4 blocksize (qlora's peft row)
+    return ModelShape(256, 4, 8, 4, 704, 2048, (2, 128), (1, 16), 64, "float32", 0.3)
 
 
 def check_methods(names: list[str] | None) -> list[str]:
@@ -152,9 +175,15 @@ def _cases(base, names: list[str]) -> dict[tuple[str, str], Case]:
                     cases[(name, "peft merged")] = Case(None, "not installed")
                 continue
             try:
-                model = lib.get_peft_model(copy.deepcopy(base), method.config(lib)).eval()
+                model = copy.deepcopy(base)
+                if method.prepare is not None:
+                    model = method.prepare(model, lib)
+                model = lib.get_peft_model(model, method.config(lib)).eval()
                 counts = model.get_nb_trainable_parameters()
                 _make_nontrivial(model)
+            except ModuleNotFoundError as e:  # a peer package the method needs (bitsandbytes)
+                cases[(name, impl)] = Case(None, f"not installed: {e.name}" if e.name else f"error: {e}")
+                continue
             except Exception as e:  # noqa: BLE001  (one broken method must not sink the run)
                 cases[(name, impl)] = Case(None, f"error: {type(e).__name__}: {e}")
                 continue

@@ -41,6 +41,49 @@ def kernel_table(result: dict) -> list[str]:
     return [head, ""] + _table(cols, rows)
 
 
+def _ratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}x"
+
+
+def nf4_table(result: dict) -> list[str]:
+    """The NF4 layer rows, then (CPU) the quantize rows."""
+    section, dev = result["nf4"], result["device"]
+    s, cuda = section["shapes"], dev["type"] == "cuda"
+    copy = section["copy_gbps"]
+    head = (
+        f"**NF4 on {dev['summary']}** — one 4-bit layer (out x in), blocksize {s['blocksize']}, double quant, "
+        f"{s['dtype']}, QLoRA r={s['r']}; latency in µs ({'device time by do_bench' if cuda else 'wall clock'}: "
+        f"median, min–max); vs dense = median / dense median; vs NF4 base = QLoRA median / fastpeft NF4 median"
+        + (f"; bandwidth = compulsory bytes / median, % of a device-to-device copy at {copy:.0f} GB/s"
+           if copy else "")
+    )
+    cols = ["layer", "M", "implementation", "median µs", "min–max µs", "vs dense", "vs NF4 base"]
+    if cuda:
+        cols += ["GB/s", "% of copy", "wall µs/call"]
+    rows = []
+    for r in section["rows"]:
+        cells = [r["layer"], str(r["m"]), r["label"]]
+        if r["median_us"] is None:
+            cells += [r["status"]] + ["—"] * (len(cols) - 4)
+        else:
+            cells += [_fmt(r["median_us"]), f"{_fmt(r['min_us'])}–{_fmt(r['max_us'])}", _ratio(r["vs_dense"]),
+                      _ratio(r["vs_nf4"])]
+            if cuda:
+                frac = None if r["copy_frac"] is None else 100 * r["copy_frac"]
+                cells += [_fmt(r["gbps"], ".0f"), _fmt(frac, ".0f"), _fmt(r["wall_us"])]
+        rows.append(cells)
+    out = [head, ""] + _table(cols, rows)
+    if section["quantize"]:
+        out += ["", f"**NF4 quantize on {dev['summary']}** — double quant, blocksize {s['blocksize']}, "
+                f"{s['dtype']} weight; wall clock µs; vs bnb = median / bitsandbytes median", ""]
+        out += _table(["layer", "implementation", "median µs", "min–max µs", "vs bnb"], [
+            [r["layer"], r["label"]] + ([r["status"], "—", "—"] if r["median_us"] is None else
+                                        [_fmt(r["median_us"]), f"{_fmt(r['min_us'])}–{_fmt(r['max_us'])}",
+                                         _ratio(r["vs_bnb"])])
+            for r in section["quantize"]])
+    return out
+
+
 def methods_table(result: dict) -> list[str]:
     section, dev = result["methods"], result["device"]
     s = section["shape"]
@@ -62,12 +105,38 @@ def methods_table(result: dict) -> list[str]:
     return [head, ""] + _table(cols, rows)
 
 
+def training_table(result: dict) -> list[str]:
+    section, dev = result["training"], result["device"]
+    batch, seq = section["batch"]
+    head = (
+        f"**Training on {dev['summary']}** — {section['model']}, one AdamW step (forward with labels, "
+        f"backward, step) on a {batch}x{seq} batch; µs per step; vs peft = fastpeft median / peft median"
+    )
+    cuda = dev["type"] == "cuda"
+    cols = ["method", "impl", "median µs", "min–max µs", "vs peft"] + (["peak MiB"] if cuda else [])
+    rows = []
+    for r in section["rows"]:
+        if r["median_us"] is None:
+            cells = [r["method"], r["impl"], r["status"], "—", "—"]
+        else:
+            cells = [r["method"], r["impl"], _fmt(r["median_us"]), f"{_fmt(r['min_us'])}–{_fmt(r['max_us'])}",
+                     _fmt(r["vs_peft"], ".2f") + "x" if r["vs_peft"] is not None else "—"]
+        if cuda:
+            cells.append(_fmt(r["peak_mem_mib"], ".0f"))
+        rows.append(cells)
+    return [head, ""] + _table(cols, rows)
+
+
 def format_tables(result: dict) -> str:
     parts = []
     if "kernels" in result:
         parts += kernel_table(result) + [""]
+    if "nf4" in result:
+        parts += nf4_table(result) + [""]
     if "methods" in result:
         parts += methods_table(result) + [""]
+    if "training" in result:
+        parts += training_table(result) + [""]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -114,7 +183,7 @@ def _plot(result: dict, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: skipping the plot (pip install -e \".[bench]\")"
-    sections = [k for k in ("kernels", "methods") if k in result]
+    sections = [k for k in ("kernels", "nf4", "methods") if k in result]
     fig, axes = plt.subplots(1, len(sections), figsize=(8 * len(sections), 4.5), squeeze=False)
     for ax, name in zip(axes[0], sections):
         rows = result[name]["rows"]
@@ -128,6 +197,15 @@ def _plot(result: dict, path: Path) -> str | None:
                 for i in impls
             }
             _bars(ax, [f"M={m}" for m in groups], series, "LoRA layer, unmerged")
+        elif name == "nf4":
+            groups = list(dict.fromkeys((r["layer"], r["m"]) for r in rows))
+            labels = dict.fromkeys(r["label"] for r in rows if r["impl"] != "dense")
+            series = {
+                label: [next((r["vs_dense"] for r in rows if r["label"] == label and (r["layer"], r["m"]) == g), None)
+                        for g in groups]
+                for label in labels
+            }
+            _bars(ax, [f"{lay} M={m}" for lay, m in groups], series, "NF4 layer, latency / dense")
         else:
             groups = list(dict.fromkeys(r["phase"] for r in rows))
             keys = list(dict.fromkeys((r["method"], r["impl"]) for r in rows if r["method"] != "base"))

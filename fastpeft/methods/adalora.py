@@ -10,6 +10,11 @@ module to ``target_r`` on average along PEFT's cubic schedule. An orthogonality 
 B is added to the loss in the tuner's forward. Saving writes the final `rank_pattern` and only
 the kept ranks, so the adapter shrinks on disk; loading rebuilds the shrunk layers.
 
+Over an NF4 base (a fastpeft `Linear4bit`, PEFT's `SVDLinear4bit`) the forward is the fused
+dequant kernel with the same per-rank scale (`ops.nf4_linear(rank_scale=)`). PEFT cannot merge
+there; here a merge dequantizes, adds the delta and re-quantizes, as the QLoRA merge does, and
+warns with the rounding error that adds.
+
 The forward runs on the fused LoRA kernel: ``E * alpha / (ranknum + 1e-5)`` is its per-rank
 scale (`ops.lora_linear(rank_scale=)`), so masked ranks contribute nothing and no [r, in]
 product ``A * E`` is formed per call; the scale is a tensor, so no host sync either.
@@ -37,7 +42,8 @@ from torch import nn
 from fastpeft import ops
 from fastpeft.config import register_config
 from fastpeft.methods.base import AdapterLayer
-from fastpeft.methods.lora import LoraConfig, LoraModel, _is_conv1d
+from fastpeft.methods.lora import LoraConfig, LoraModel, _is_conv1d, check_finite, requantize_into
+from fastpeft.quant.nf4 import Linear4bit
 
 _CHECKPOINT_NAMES = ("lora_A", "lora_B", "lora_E")
 
@@ -114,8 +120,7 @@ class SVDLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdaLoraConfig, key: str):
         super().__init__(base_layer)
         self.fan_in_fan_out = _is_conv1d(base_layer)
-        weight = base_layer.weight
-        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.out_features, self.in_features = _features(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()
@@ -179,7 +184,10 @@ class SVDLinear(AdapterLayer):
 
     # -- math ----------------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
-        """The base weight as `[out, in]` (a view for Conv1D: never a copy)."""
+        """The base weight as `[out, in]` (a view for Conv1D: never a copy; dequantized fp32, a new
+        tensor, over an NF4 base)."""
+        if isinstance(self.base_layer, Linear4bit):
+            return self.base_layer.dequantize(torch.float32)
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
@@ -192,19 +200,29 @@ class SVDLinear(AdapterLayer):
         a, b = self.lora_A[adapter_name].float(), self.lora_B[adapter_name].float()
         return (b * self.rank_scale(adapter_name).float()) @ a
 
+    def write_base_weight(self, weight: torch.Tensor, adapter_name: str, safe_merge: bool = False) -> float | None:
+        """Store a merged/unmerged weight: copied into W, or re-quantized into an NF4 base (then
+        the added rounding error is returned)."""
+        if isinstance(self.base_layer, Linear4bit):
+            return requantize_into(self.base_layer, weight, adapter_name, safe_merge)
+        check_finite(weight, adapter_name, safe_merge)
+        self.base_weight().copy_(weight)
+        return None
+
     def merge(self, adapter_name: str, safe_merge: bool = False) -> None:
         with torch.no_grad():
             weight = self.base_weight()
-            merged = weight + self.get_delta_weight(adapter_name).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
-            weight.copy_(merged)
+            error = self.write_base_weight(weight + self.get_delta_weight(adapter_name).to(weight.dtype),
+                                            adapter_name, safe_merge)
+        if error is not None:
+            warnings.warn(f"Merging AdaLoRA adapter {adapter_name!r} into a 4-bit (NF4) base re-quantizes the "
+                          f"weight: max added rounding error {error:.3g} (generations may differ slightly)")
         self.merged_adapters.append(adapter_name)
 
     def _unmerge_one(self, adapter_name: str) -> None:
         with torch.no_grad():
             weight = self.base_weight()
-            weight -= self.get_delta_weight(adapter_name).to(weight.dtype)
+            self.write_base_weight(weight - self.get_delta_weight(adapter_name).to(weight.dtype), adapter_name, False)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters and self.merged:
@@ -212,7 +230,20 @@ class SVDLinear(AdapterLayer):
         name = self.active_adapter
         if self.disable_adapters or self.merged or name is None or self.lora_A[name].shape[0] == 0:
             return self.base_layer(x, *args, **kwargs)
-        dtype = self.base_layer.weight.dtype
+        base = self.base_layer
+        if isinstance(base, Linear4bit):  # QLoRA-style: the fused NF4 kernel, E as its rank scale
+            dtype = base.compute_dtype
+            return ops.nf4_linear(
+                x.to(dtype),
+                base.nf4_weight(),
+                None if base.bias is None else base.bias.to(dtype),
+                self.lora_A[name].to(dtype),
+                self.lora_B[name].to(dtype),
+                1.0,
+                dropout=self.lora_dropout[name] if self.training else 0.0,
+                rank_scale=self.rank_scale(name).to(dtype),
+            ).to(x.dtype)
+        dtype = base.weight.dtype
         return ops.lora_linear(
             x,
             self.base_weight(),
@@ -227,6 +258,15 @@ class SVDLinear(AdapterLayer):
     def extra_repr(self) -> str:
         ranks = {n: self.r[n] for n in self.adapters}
         return f"in={self.in_features}, out={self.out_features}, r={ranks}, {super().extra_repr()}"
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a Linear, a Conv1D (weight stored [in, out]) or an NF4 Linear4bit (its
+    `weight` is the packed buffer)."""
+    if isinstance(layer, Linear4bit):
+        return layer.out_features, layer.in_features
+    out_f, in_f = layer.weight.shape
+    return (in_f, out_f) if _is_conv1d(layer) else (out_f, in_f)
 
 
 class RankAllocator:
@@ -359,9 +399,7 @@ class AdaLoraModel(LoraModel):
         return SVDLinear(target, adapter_name, config, key)
 
     def _adapter_shapes(self, target: nn.Module, config: AdaLoraConfig, key: str) -> dict[str, tuple[int, ...]]:
-        out_f, in_f = target.weight.shape
-        if _is_conv1d(target):
-            out_f, in_f = in_f, out_f
+        out_f, in_f = _features(target)
         r = config.rank_for(key)
         return {"lora_A": (r, in_f), "lora_B": (out_f, r), "lora_E": (r, 1)}
 

@@ -20,13 +20,18 @@ W, A, B and m and on the scaling: any in-place update through autograd's view of
 invalidates it; `train()` clears it. Writes through ``.data`` bypass version counters: after such
 a write call `clear_cache()`. Training mode never caches (W, A, B change every step).
 
+Over an NF4 base (`NF4LoraLinear`) the same maths runs on the dequantized fp32 weight, which is
+built only when the norm must be recomputed; the cache is keyed on the packed codes and block
+scales instead, and a re-quantization (merge, unmerge) clears it, since it replaces those tensors.
+Merges write through the layer's `write_base_weight` (a copy into W, or a re-quantization).
+
 Checkpoints: the model's key is PEFT's ``lora_magnitude_vector.<adapter>.weight``; the file's key
 is ``lora_magnitude_vector`` (PEFT drops the ``.weight``), see `to_checkpoint` / `from_checkpoint`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -74,15 +79,22 @@ class DoraMagnitude(nn.Module):
             self.clear_cache()
         return super().train(mode)
 
-    def factor(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-               dtype: torch.dtype) -> torch.Tensor:
-        """``f = m / ||W + s B A||`` [out] in `dtype`; differentiable in m only (norm detached)."""
+    def factor(self, weight: torch.Tensor | Callable[[], torch.Tensor], lora_A: torch.Tensor,
+               lora_B: torch.Tensor, scaling: float, dtype: torch.dtype,
+               weight_sources: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``f = m / ||W + s B A||`` [out] in `dtype`; differentiable in m only (norm detached).
+
+        `weight` is W [out, in], or a function returning it (a dequantization), called only when
+        the norm is recomputed; `weight_sources` (required then) are the tensors W is computed
+        from, whose stamps key the eval cache in its place (default: W itself)."""
         m = self.weight
+        get_weight = weight if callable(weight) else (lambda: weight)
         if self.training:
-            return (m / weight_norm(weight, lora_A, lora_B, scaling)).to(dtype)
-        key = (float(scaling), _stamp(weight), _stamp(lora_A), _stamp(lora_B))
+            return (m / weight_norm(get_weight(), lora_A, lora_B, scaling)).to(dtype)
+        sources = (weight,) if weight_sources is None else weight_sources
+        key = (float(scaling), *map(_stamp, sources), _stamp(lora_A), _stamp(lora_B))
         if self._norm is None or self._norm[0] != key:
-            self._norm = (key, weight_norm(weight, lora_A, lora_B, scaling))
+            self._norm = (key, weight_norm(get_weight(), lora_A, lora_B, scaling))
             self._factor = None
         if torch.is_grad_enabled() and m.requires_grad:
             return (m / self._norm[1]).to(dtype)
@@ -105,18 +117,18 @@ def unmerged_weight(layer: LoraLinear) -> torch.Tensor:
     return weight
 
 
-def merge(layer: LoraLinear, name: str, safe_merge: bool) -> None:
-    """``W <- f * (W + s B A)`` with ``f = m / ||W0 + s B A||`` (W0: the unmerged weight)."""
+def merge(layer: LoraLinear, name: str, safe_merge: bool) -> float | None:
+    """``W <- f * (W + s B A)`` with ``f = m / ||W0 + s B A||`` (W0: the unmerged weight); returns
+    what `layer.write_base_weight` does (the re-quantization error over an NF4 base)."""
     magnitude = layer.lora_magnitude_vector[name]
     with torch.no_grad():
         weight = layer.base_weight()
         delta = layer.get_delta_weight(name)
         norm = torch.linalg.norm(unmerged_weight(layer) + delta, dim=1)
         merged = (magnitude.weight.float() / norm)[:, None] * (weight.float() + delta)
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-        weight.copy_(merged.to(weight.dtype))
+        error = layer.write_base_weight(merged, name, safe_merge)
     magnitude.merged_norm = norm
+    return error
 
 
 def unmerge(layer: LoraLinear, name: str) -> None:
@@ -125,7 +137,7 @@ def unmerge(layer: LoraLinear, name: str) -> None:
     with torch.no_grad():
         weight = layer.base_weight()
         f = magnitude.weight.float() / magnitude.merged_norm
-        weight.copy_((weight.float() / f[:, None] - layer.get_delta_weight(name)).to(weight.dtype))
+        layer.write_base_weight(weight.float() / f[:, None] - layer.get_delta_weight(name), name, False)
     magnitude.merged_norm = None
 
 

@@ -168,17 +168,25 @@ class LoraLinear(AdapterLayer):
     def load_adapter_state_dict(self, adapter_name: str, state: dict[str, Any]) -> None:
         super().load_adapter_state_dict(adapter_name, dora.from_checkpoint(state))
 
-    def merge(self, adapter_name: str, safe_merge: bool = False) -> None:
-        if adapter_name in self.lora_magnitude_vector:
-            dora.merge(self, adapter_name, safe_merge)
-            self.merged_adapters.append(adapter_name)
-            return
+    def write_base_weight(self, weight: torch.Tensor, adapter_name: str, safe_merge: bool = False) -> float | None:
+        """Store a merged or unmerged `[out, in]` weight as the base weight, cast to its dtype: the
+        one place merges write (LoRA and DoRA). `safe_merge` refuses NaN/inf first (PEFT's message).
+        Returns the rounding error a lossy store adds (None here: only the cast rounds)."""
+        check_finite(weight, adapter_name, safe_merge)
+        base = self.base_weight()
+        base.copy_(weight.to(base.dtype))
+        return None
+
+    def _merge_into_base(self, adapter_name: str, safe_merge: bool) -> float | None:
         with torch.no_grad():
+            if adapter_name in self.lora_magnitude_vector:
+                return dora.merge(self, adapter_name, safe_merge)
             weight = self.base_weight()
             merged = weight + self.get_delta_weight(adapter_name).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
-            weight.copy_(merged)
+            return self.write_base_weight(merged, adapter_name, safe_merge)
+
+    def merge(self, adapter_name: str, safe_merge: bool = False) -> None:
+        self._merge_into_base(adapter_name, safe_merge)
         self.merged_adapters.append(adapter_name)
 
     def _unmerge_one(self, adapter_name: str) -> None:
@@ -187,7 +195,7 @@ class LoraLinear(AdapterLayer):
             return
         with torch.no_grad():
             weight = self.base_weight()
-            weight -= self.get_delta_weight(adapter_name).to(weight.dtype)
+            self.write_base_weight(weight - self.get_delta_weight(adapter_name).to(weight.dtype), adapter_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters and self.merged:
@@ -262,6 +270,20 @@ class LoraModel(BaseTuner):
         return shapes
 
 
+def check_finite(weight: torch.Tensor, adapter_name: str, safe_merge: bool) -> None:
+    """`safe_merge`: refuse a merged weight with NaN/inf before it is stored (PEFT's message)."""
+    if safe_merge and not torch.isfinite(weight).all():
+        raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+
+
+def requantize_into(base: Linear4bit, weight: torch.Tensor, adapter_name: str, safe_merge: bool) -> float:
+    """Store a merged (or unmerged) `[out, in]` weight in an NF4 base by re-quantizing it, PEFT's
+    4-bit merge; returns the rounding error that adds, max |dequant(new codes) - weight|."""
+    check_finite(weight, adapter_name, safe_merge)
+    base.requantize_(weight)
+    return (base.dequantize(torch.float32) - weight).abs().max().item()
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     conv1d = inject.conv1d_class()
     return conv1d is not None and isinstance(module, conv1d)
@@ -274,11 +296,14 @@ class NF4LoraLinear(LoraLinear):
     term in one fused launch, the base weight frozen. Merging follows PEFT: dequantize, add the
     delta, re-quantize; the added rounding error (PEFT only warns about it) is measured and kept
     in `merge_error[adapter]` (max |requantized - exact merged|) and reported in the warning.
+
+    DoRA (`use_dora=True`, PEFT supports it on bnb's 4-bit layers) uses the dequantized fp32 W for
+    the norm ``||W + s B A||`` (cached in eval mode, keyed on the packed codes and scales, see
+    fastpeft/methods/dora.py) and passes ``m / ||.||`` to the fused kernel as its column scale;
+    its merge and unmerge also go through dequantize, merge, re-quantize.
     """
 
     def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
-        if config.use_dora:
-            raise ValueError(f"{key}: DoRA over a 4-bit (NF4) base layer is not supported")
         # LoraLinear.__init__ read the features off `weight`, which here is the packed buffer.
         self.out_features, self.in_features = self.base_layer.out_features, self.base_layer.in_features
         if not hasattr(self, "merge_error"):
@@ -289,24 +314,24 @@ class NF4LoraLinear(LoraLinear):
         """The dequantized `[out, in]` base weight (a new tensor: NF4 has no view of it)."""
         return self.base_layer.dequantize(torch.float32)
 
-    def _requantize(self, weight: torch.Tensor, adapter_name: str, safe_merge: bool) -> float:
-        if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
-        self.base_layer.requantize_(weight)
-        return (self.base_layer.dequantize(torch.float32) - weight).abs().max().item()
+    def base_weight_sources(self) -> tuple[torch.Tensor, ...]:
+        """The stored tensors the dequantized weight is computed from (they key DoRA's cache)."""
+        base = self.base_layer
+        return tuple(t for t in (base.weight, base.absmax, base.nested_absmax, base.offset) if t is not None)
+
+    def write_base_weight(self, weight: torch.Tensor, adapter_name: str, safe_merge: bool = False) -> float:
+        """Re-quantize `weight` into the NF4 base; returns the added rounding error (max abs)."""
+        error = requantize_into(self.base_layer, weight, adapter_name, safe_merge)
+        for magnitude in self.lora_magnitude_vector.values():  # new tensors: never trust old stamps
+            magnitude.clear_cache()
+        return error
 
     def merge(self, adapter_name: str, safe_merge: bool = False) -> None:
-        with torch.no_grad():
-            merged = self.base_weight() + self.get_delta_weight(adapter_name)
-            error = self._requantize(merged, adapter_name, safe_merge)
+        error = self._merge_into_base(adapter_name, safe_merge)
         self.merge_error[adapter_name] = error
         warnings.warn(f"Merging LoRA adapter {adapter_name!r} into a 4-bit (NF4) base re-quantizes the weight: "
                       f"max added rounding error {error:.3g} (generations may differ slightly)")
         self.merged_adapters.append(adapter_name)
-
-    def _unmerge_one(self, adapter_name: str) -> None:
-        with torch.no_grad():
-            self._requantize(self.base_weight() - self.get_delta_weight(adapter_name), adapter_name, False)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters and self.merged:
@@ -316,6 +341,12 @@ class NF4LoraLinear(LoraLinear):
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
         dtype = base.compute_dtype
+        col_scale = None
+        if name in self.lora_magnitude_vector:  # DoRA: the norm of the dequantized W, cached in eval
+            col_scale = self.lora_magnitude_vector[name].factor(
+                self.base_weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dtype,
+                weight_sources=self.base_weight_sources(),
+            )
         y = ops.nf4_linear(
             x.to(dtype),
             base.nf4_weight(),
@@ -324,5 +355,6 @@ class NF4LoraLinear(LoraLinear):
             self.lora_B[name].weight.to(dtype),
             self.scaling[name],
             dropout=self.lora_dropout[name] if self.training else 0.0,
+            col_scale=col_scale,
         )
         return y.to(x.dtype)

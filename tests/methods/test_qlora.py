@@ -69,6 +69,7 @@ def test_matches_real_peft_on_bnb_layers(qlora, make_inputs, run_model, tmp_path
     # the same forward as its bnb layer); what matters is that the base layers are bnb's
     wrapped = [m.base_layer for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     assert len(wrapped) == 6 and all(isinstance(b, bnb.nn.Linear4bit) for b in wrapped)
+    assert qlora.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()  # 4-bit weights count
     ours_sd = {k: v for k, v in qlora.state_dict().items() if "lora_" in k}
     missing = theirs.load_state_dict(ours_sd, strict=False)
     assert not missing.unexpected_keys
@@ -119,9 +120,4 @@ def test_merge_and_unload_requantizes_and_reports_the_error(qlora, make_inputs, 
     assert 0 < (got - want).abs().max() < 0.2
 
 
-def test_dora_on_nf4_is_refused(make_model):
-    base = quantize_model(make_model("llama"), CONFIG)
-    config = fastpeft.LoraConfig(r=4, target_modules=["q_proj"])
-    config.use_dora = True  # bypass a config-level refusal, if any: the layer must refuse too
-    with pytest.raises((ValueError, NotImplementedError), match="DoRA"):
-        fastpeft.get_peft_model(base, config)
+# DoRA and AdaLoRA over an NF4 base: tests/methods/test_qlora_variants.py

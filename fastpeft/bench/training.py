@@ -1,0 +1,113 @@
+"""The training section: one optimizer step of a PEFT model, fastpeft next to real peft.
+
+A step is what a training loop does per batch: zero the grads, forward with labels, backward,
+AdamW step over the trainable parameters. Each method's model is built from the same seeded
+base by both libraries with the same config call (methods.py's `Method` records). Reported: the
+step time (median, min-max), its ratio to peft's step for the same method, and on a GPU the peak
+memory of the step. Adapters start non-trivial (random B), as after some training.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fastpeft.bench.methods import METHODS, model_shape
+from fastpeft.bench.timing import Progress, time_cpu, time_cuda
+
+# The methods whose training the section times (when the methods section knows them).
+TRAINED = ("lora", "dora", "qlora")
+
+
+@dataclass
+class Row:
+    method: str
+    impl: str  # "fastpeft" or "peft"
+    status: str = "ok"
+    median_us: float | None = None
+    min_us: float | None = None
+    max_us: float | None = None
+    samples: int | None = None
+    vs_peft: float | None = None  # fastpeft's median / peft's median, same method
+    peak_mem_mib: float | None = None
+
+
+def trained(names: list[str]) -> list[str]:
+    return [n for n in TRAINED if n in names and n in METHODS]
+
+
+def steps(names: list[str]) -> int:
+    return len(trained(names))
+
+
+def _step_fn(model, ids) -> Any:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _build(base, name: str, lib) -> Any:
+    method = METHODS[name]
+    prepare = getattr(method, "prepare", None)
+    model = copy.deepcopy(base)
+    if prepare is not None:
+        model = prepare(model, lib)
+    model = lib.get_peft_model(model, method.config(lib)).train()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in n:
+                p.add_((torch.randn(p.shape, generator=g) * 0.02).to(device=p.device, dtype=p.dtype))
+    return model
+
+
+def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict:
+    """Time one training step per (method, library): {"batch", "rows"}."""
+    import fastpeft
+
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    s = model_shape(device, quick)
+    batch, seq = s.prefill
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    rows: list[Row] = []
+    for name in trained(names):
+        here = {impl: Row(name, impl) for impl in ("fastpeft", "peft")}
+        rows.extend(here.values())
+        calls = {}
+        for impl, lib in (("fastpeft", fastpeft), ("peft", peft)):
+            if lib is None:
+                here[impl].status = "not installed"
+                continue
+            try:
+                calls[impl] = _step_fn(_build(base, name, lib), ids)
+                calls[impl]()  # warm-up, and proof that it runs
+            except Exception as e:  # noqa: BLE001  (one broken case must not sink the run)
+                here[impl].status = f"error: {type(e).__name__}: {e}"
+                calls.pop(impl, None)
+        stats = {}
+        if device == "cuda":
+            for impl, call in calls.items():
+                torch.cuda.reset_peak_memory_stats()
+                stats[impl] = time_cuda(call, quick)[:4]
+                here[impl].peak_mem_mib = torch.cuda.max_memory_allocated() / 2**20
+        elif calls:
+            stats = time_cpu(calls, s.budget_s)
+        bar.step(f"train {name}")
+        for impl, (median, lo, hi, n) in stats.items():
+            row = here[impl]
+            row.median_us, row.min_us, row.max_us, row.samples = median * 1e6, lo * 1e6, hi * 1e6, n
+        if here["fastpeft"].median_us is not None and here["peft"].median_us:
+            here["fastpeft"].vs_peft = here["fastpeft"].median_us / here["peft"].median_us
+    return {"batch": [batch, seq], "model": type(base).__name__, "rows": [asdict(r) for r in rows]}

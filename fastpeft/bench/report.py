@@ -158,10 +158,13 @@ def _markdown(result: dict) -> str:
 
 
 def _bars(ax, groups: list[str], series: dict[str, list[float | None]], title: str) -> None:
+    from matplotlib import colormaps  # only reached once _plot has imported matplotlib
+
     width = 0.8 / max(len(series), 1)
     for j, (label, vals) in enumerate(series.items()):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=label)
+        color = colormaps["tab20"](j % 20)  # the default cycle repeats after 10 series
+        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=label, color=color)
         for x, v in zip(xs, vals):
             if v is None:  # no number (not installed, error): say so, never draw a value
                 ax.text(x, 0.05, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
@@ -171,7 +174,7 @@ def _bars(ax, groups: list[str], series: dict[str, list[float | None]], title: s
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
     ax.set_ylabel("latency / base (median)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
 
 
 def _plot(result: dict, path: Path) -> str | None:
@@ -184,7 +187,7 @@ def _plot(result: dict, path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed: skipping the plot (pip install -e \".[bench]\")"
     sections = [k for k in ("kernels", "nf4", "methods") if k in result]
-    fig, axes = plt.subplots(1, len(sections), figsize=(8 * len(sections), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(sections), figsize=(10 * len(sections), 4.5), squeeze=False)
     for ax, name in zip(axes[0], sections):
         rows = result[name]["rows"]
         if name == "kernels":

@@ -121,3 +121,17 @@ def test_merge_and_unload_requantizes_and_reports_the_error(qlora, make_inputs, 
 
 
 # DoRA and AdaLoRA over an NF4 base: tests/methods/test_qlora_variants.py
+
+
+def test_generate_equals_greedy_decoding_by_full_forwards(qlora):
+    """QLoRA generates: the cached decode path (M=1 steps through the NF4 decode kernel on a GPU)
+    gives the tokens that re-running the whole sequence picks greedily."""
+    qlora.eval()
+    ids = torch.randint(1, 96, (1, 4), generator=torch.Generator().manual_seed(4))
+    tokens = qlora.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(5):
+            nxt = qlora(input_ids=expected).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, nxt], dim=1)
+    assert torch.equal(tokens, expected)

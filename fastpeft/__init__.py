@@ -5,6 +5,9 @@
 
 from fastpeft.config import PeftConfig, PromptLearningConfig
 from fastpeft.methods.adalora import AdaLoraConfig, AdaLoraModel
+from fastpeft.methods.adapter import AdapterConfig, BottleneckModel
+from fastpeft.methods.bitfit import BitFitConfig, BitFitModel
+from fastpeft.methods.ia3 import IA3Config, IA3Model
 from fastpeft.methods.lora import LoraConfig, LoraModel
 from fastpeft.methods.prefix import PrefixEncoder, PrefixTuningConfig
 from fastpeft.methods.prompt import PromptEmbedding, PromptTuningConfig, PromptTuningInit
@@ -44,3 +47,4 @@ __all__ = [
     "get_peft_model",
 ]
 __all__ += ["Linear4bit", "NF4Config", "quantize_model"]  # QLoRA base weights (fastpeft.quant)
+__all__ += ["AdapterConfig", "BitFitConfig", "BitFitModel", "BottleneckModel", "IA3Config", "IA3Model"]  # the adapter family (issue 6)

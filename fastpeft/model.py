@@ -126,13 +126,22 @@ class PeftModel(nn.Module):
 
     # -- running -------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
+        """`adapter_names` (LoRA, eval mode): row i runs adapter `adapter_names[i]` ("__base__":
+        none), all adapters in one launch per layer (fastpeft/multi.py); without autograd."""
         if adapter_names is not None:
-            raise NotImplementedError("adapter_names= (mixed-adapter batches) is not implemented in fastpeft yet")
+            from fastpeft import multi
+
+            with multi.mixed_batch(self, adapter_names):
+                return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
+        """transformers' generate; `adapter_names` as in forward, repeated num_beams times (PEFT)."""
         if adapter_names is not None:
-            raise NotImplementedError("adapter_names= (mixed-adapter batches) is not implemented in fastpeft yet")
+            from fastpeft import multi
+
+            with multi.mixed_batch(self, adapter_names, num_beams=kwargs.get("num_beams")):
+                return self.base_model.model.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:

@@ -298,6 +298,221 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     return y.reshape(*x.shape[:-1], N)
 
 
+# -- IA3 -------------------------------------------------------------------------------------------
+# (IA)^3 rescales a linear layer with a learned vector: on its input columns for feedforward
+# modules, ``y = (x * g) W^T + b``, else on its output, ``y = f * (x W^T + b)`` (PEFT scales the
+# bias too). Both scales run inside the LoRA kernel with its LoRA term switched off
+# (`scaled_linear_fwd`): g as a prologue of the K-loop, f in the epilogue (bias pre-scaled, f * b).
+__all__ += ["IA3LinearFunction", "ia3_linear"]
+
+
+def _scaled_linear(backend: str, x2d, weight, bias, in_scale=None, col_scale=None) -> Tensor:
+    return _lora_kernels(backend).scaled_linear_fwd(x2d, weight, bias, in_scale=in_scale,
+                                                    col_scale=col_scale)
+
+
+class IA3LinearFunction(torch.autograd.Function):
+    """IA3 on 2-D activations: forward(x2d [M, K], weight [N, K], bias [N]|None, scale [K] (input,
+    `feedforward`) or [N] (output), feedforward: bool, backend) -> [M, N] x2d.dtype.
+
+    Input scale g:  y = (x g) W^T + b;  dX = (dY W) g (one launch: g as the dX kernel's column
+    scale), dg = colsum(X * (dY W)) (then dY W is computed once and scaled outside),
+    dW = dY^T (X g), db = colsum(dY).
+    Output scale f: y = f (x W^T + b); dX = (dY f) W (one launch: f as the dX kernel's input
+    scale), df = colsum(dY * Z) with Z = x W^T + b, which the forward keeps only when f needs a
+    grad (it then runs the kernel without f and scales Z itself), dW = (dY f)^T X, db = colsum(dY f).
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, scale, feedforward, backend):
+        need = ctx.needs_input_grad
+        z = None
+        if feedforward:
+            y = _scaled_linear(backend, x2d, weight, bias, in_scale=scale)
+        elif need[3]:
+            z = _scaled_linear(backend, x2d, weight, bias)
+            y = z * scale
+        else:
+            y = _scaled_linear(backend, x2d, weight, None if bias is None else bias * scale, col_scale=scale)
+        ctx.save_for_backward(x2d if (need[1] or (feedforward and need[3])) else None, weight, scale, z)
+        ctx.feedforward, ctx.backend = feedforward, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, scale, z = ctx.saved_tensors
+        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        dx = dw = db = ds = None
+        wt = weight.t()  # dY W is a linear with weight W^T: [K, N]
+        if ctx.feedforward:
+            if need_s:
+                dyw = _scaled_linear(ctx.backend, dy, wt, None)
+                ds = (x2d * dyw).sum(0)
+                dx = dyw * scale if need_x else None
+            elif need_x:
+                dx = _scaled_linear(ctx.backend, dy, wt, None, col_scale=scale)
+            if need_w:
+                dw = dy.t() @ (x2d * scale)
+            if need_b:
+                db = dy.sum(0)
+        else:
+            if need_x:
+                dx = _scaled_linear(ctx.backend, dy, wt, None, in_scale=scale)
+            if need_s:
+                ds = (dy * z).sum(0)
+            if need_w or need_b:
+                dz = dy * scale
+                dw = dz.t() @ x2d if need_w else None
+                db = dz.sum(0) if need_b else None
+        return dx, dw, db, ds, None, None
+
+
+def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, feedforward: bool, *,
+               backend: str | None = None) -> Tensor:
+    """One IA3 linear layer (PEFT's semantics): ``(x * scale) W^T + b`` when `feedforward`, else
+    ``scale * (x W^T + b)``.
+
+    x: [..., K] fp32|fp16|bf16 any strides; weight: [N, K] x.dtype any strides (``Conv1D.weight.T``
+    is read in place); bias: [N] x.dtype or None; scale: [K] (feedforward) or [N] x.dtype
+    -> [..., N] x.dtype. Checked before any kernel runs; differentiable in all tensors.
+    """
+    named = {"x": x, "weight": weight, "scale": scale, **({} if bias is None else {"bias": bias})}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"ia3_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"ia3_linear: weight must be [N, K] with K = x.shape[-1]; got weight "
+                         f"{_describe(weight)}, x {_describe(x)}")
+    N, K = weight.shape
+    want = K if feedforward else N
+    if tuple(scale.shape) != (want,):
+        raise ValueError(f"ia3_linear: scale must be [{want}] ({'in' if feedforward else 'out'} features "
+                         f"of weight {list(weight.shape)}, feedforward={feedforward}); got scale {list(scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"ia3_linear: bias must be [{N}], got bias {list(bias.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"ia3_linear: x dtype must be float32|float16|bfloat16, got x {x.dtype}")
+    for name, t in named.items():
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"ia3_linear: {name} {_describe(t)} must match x {_describe(x)}")
+    which = resolve_backend(x, backend)
+    x2d = x.reshape(-1, K)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in named.values()):
+        y = IA3LinearFunction.apply(x2d, weight, bias, scale, bool(feedforward), which)
+    elif feedforward:  # inference: skip the autograd.Function's per-call overhead
+        y = _scaled_linear(which, x2d, weight, bias, in_scale=scale)
+    else:
+        y = _scaled_linear(which, x2d, weight, None if bias is None else bias * scale, col_scale=scale)
+    return y.reshape(*x.shape[:-1], N)
+
+
+# -- bottleneck adapter ------------------------------------------------------------------------------
+__all__ += ["AdapterFunction", "bottleneck_adapter"]
+
+
+def _adapter_kernels(backend: str):
+    if backend == "triton":
+        from fastpeft.kernels import adapter
+
+        return adapter
+    return reference
+
+
+class AdapterFunction(torch.autograd.Function):
+    """forward(x2d [M, H], down_w [b, H], down_b [b]|None, up_w [H, b], up_b [H]|None,
+    residual [M, H]|None, scaling, activation, backend) -> [M, H] x2d.dtype,
+    ``res + s (act(x Wd^T + bd) Wu^T + bu)`` (res = x when residual is None), one fused launch.
+
+    Backward, plain GEMMs in fp32 from a recomputed ``z = x Wd^T + bd`` (not saved: [M, b] per
+    adapter): a = act(z); dWu = s dY^T a, dbu = s colsum(dY); da = s dY Wu; dz = act'(z) da (by
+    autograd of the activation); dWd = dz^T X, dbd = colsum(dz); dX = dz Wd (+ dY for the serial
+    form, whose residual is x); dres = dY.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, down_w, down_b, up_w, up_b, residual, scaling, activation, backend):
+        ctx.save_for_backward(x2d, down_w, down_b, up_w, up_b)
+        ctx.scaling, ctx.activation, ctx.serial = scaling, activation, residual is None
+        return _adapter_kernels(backend).adapter_fwd(x2d, down_w, down_b, up_w, up_b, scaling, activation, residual)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, down_w, down_b, up_w, up_b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        s, dyf, xf = ctx.scaling, dy.float(), x2d.float()
+        z = F.linear(xf, down_w.float(), None if down_b is None else down_b.float())
+        with torch.enable_grad():
+            zg = z.detach().requires_grad_(True)
+            a = reference.adapter_activation(zg, ctx.activation)
+        da = s * (dyf @ up_w.float())                                     # [M, H] @ [H, b]
+        dz = torch.autograd.grad(a, zg, da)[0]
+        dx = dwd = dbd = dwu = dbu = dres = None
+        if need[0]:
+            dx = dz @ down_w.float()                                      # [M, b] @ [b, H]
+            dx = (dx + dyf if ctx.serial else dx).to(x2d.dtype)
+        if need[1]:
+            dwd = (dz.t() @ xf).to(down_w.dtype)                          # [b, M] @ [M, H]
+        if need[2]:
+            dbd = dz.sum(0).to(down_b.dtype)
+        if need[3]:
+            dwu = (s * (dyf.t() @ a.detach())).to(up_w.dtype)             # [H, M] @ [M, b]
+        if need[4]:
+            dbu = (s * dyf.sum(0)).to(up_b.dtype)
+        if need[5]:
+            dres = dy
+        return dx, dwd, dbd, dwu, dbu, dres, None, None, None
+
+
+def bottleneck_adapter(x: Tensor, down_w: Tensor, down_b: Tensor | None, up_w: Tensor, up_b: Tensor | None,
+                       scaling: float, activation: str, *, residual: Tensor | None = None,
+                       dropout: float = 0.0, backend: str | None = None) -> Tensor:
+    """A bottleneck adapter: ``res + s * (act(dropout(x) Wd^T + bd) Wu^T + bu)``.
+
+    x: [..., H] fp32|fp16|bf16; down_w: [b, H]; down_b: [b] or None; up_w: [H, b]; up_b: [H] or
+    None (all x.dtype, same device, 1 <= b <= 256); activation: relu|gelu|silu|tanh; residual:
+    [..., H] like x, or None for the serial form (res = x: Houlsby / Pfeiffer) -> [..., H] x.dtype.
+    `dropout` > 0 (modules pass it only in training) drops the adapter's input, never the residual.
+    Checked before any kernel runs; differentiable in every tensor.
+    """
+    named = {"x": x, "down_w": down_w, "up_w": up_w, "down_b": down_b, "up_b": up_b, "residual": residual}
+    named = {k: v for k, v in named.items() if v is not None}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"bottleneck_adapter: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1 or down_w.dim() != 2 or down_w.shape[1] != x.shape[-1]:
+        raise ValueError(f"bottleneck_adapter: down_w must be [b, H] with H = x.shape[-1]; got down_w "
+                         f"{_describe(down_w)}, x {_describe(x)}")
+    (b, H) = down_w.shape
+    if not 1 <= b <= 256:
+        raise ValueError(f"bottleneck_adapter: bottleneck size b = down_w.shape[0] must be in 1..256, got {b}")
+    want = {"up_w": (H, b), "down_b": (b,), "up_b": (H,), "residual": tuple(x.shape)}
+    for name, shape in want.items():
+        if name in named and tuple(named[name].shape) != shape:
+            raise ValueError(f"bottleneck_adapter: {name} must be {list(shape)} (b = {b}, H = {H}), got "
+                             f"{_describe(named[name])}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"bottleneck_adapter: x dtype must be float32|float16|bfloat16, got x {x.dtype}")
+    for name, t in named.items():
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"bottleneck_adapter: {name} {_describe(t)} must match x {_describe(x)}")
+    if activation not in ("relu", "gelu", "silu", "tanh"):
+        raise ValueError(f"bottleneck_adapter: activation must be relu|gelu|silu|tanh, got {activation!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"bottleneck_adapter: dropout must be in [0, 1), got {dropout}")
+    which = resolve_backend(x, backend)
+    inp = x
+    if dropout > 0.0:
+        inp, residual = F.dropout(x, dropout, training=True), x if residual is None else residual
+    x2d = inp.reshape(-1, H)
+    res2d = None if residual is None else residual.reshape(-1, H)
+    args = (x2d, down_w, down_b, up_w, up_b, res2d, float(scaling), activation, which)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in named.values()):
+        y = AdapterFunction.apply(*args)
+    else:  # inference: skip the autograd.Function's per-call overhead
+        y = _adapter_kernels(which).adapter_fwd(x2d, down_w, down_b, up_w, up_b, float(scaling), activation, res2d)
+    return y.reshape(x.shape)
+
+
 # -- NF4 (QLoRA) ------------------------------------------------------------------------------
 # An NF4 weight is any object with bnb's quant-state fields (fastpeft.quant.nf4.NF4Weight, or a
 # fastpeft Linear4bit's `nf4_weight()`): `packed` uint8 [(N*K+1)//2, 1], `absmax` (fp32 [B], or
@@ -429,4 +644,102 @@ def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | 
                                      col_scale, args)
     else:  # inference: skip the autograd.Function's per-call overhead
         y = _fused_fwd(which, args, x2d, None, bias, lora_A, lora_B, scaling, rank_scale, col_scale)
+    return y.reshape(*x.shape[:-1], N)
+
+
+# -- multi-adapter LoRA (mixed-adapter batches) -----------------------------------------------
+# A bank (fastpeft.multi.AdapterBank, read here by its fields: lora_a [R, K], lora_b [R, N],
+# offsets/ranks int32 [I], scalings fp32 [I], max_rank) and the batch metadata
+# (fastpeft.multi.TokenGroups: token_ids, perm, seg_start, seg_adapter, num_segments, max_segment).
+__all__ += ["multi_lora_linear"]
+
+_MULTI_PATHS = (None, "grouped", "gathered")
+
+
+def _multi_kernels(backend: str):
+    if backend == "triton":
+        from fastpeft.kernels import multi_lora
+
+        return multi_lora
+    return reference
+
+
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, token_adapter_ids, *,
+                      backend: str | None = None, path: str | None = None) -> Tensor:
+    """y[m] = x[m] W^T + b + s_i (x[m] A_i^T) B_i^T with i = token m's adapter (-1: base only).
+
+    x: [..., K] fp32|fp16|bf16 (its rows flatten to M tokens); weight: [N, K] x.dtype any strides
+    (``Conv1D.weight.T`` read in place), or an NF4 weight (see `nf4_linear`; x is then in the
+    compute dtype): the 4-bit base decoded inside the same launch (multi-tenant QLoRA; the torch
+    backend dequantizes it first); bias: [N] x.dtype or None; bank: the layer's adapters,
+    in x.dtype on x.device; token_adapter_ids: a `fastpeft.multi.TokenGroups` for these M tokens
+    (built once per forward and shared by all layers: no host sync here), or an integer tensor
+    [M] of ids in [-1, bank.num_ids) (then grouped here, reading the ids on the host) -> [..., N].
+    `path`: "grouped" (SGMV-style, tokens sorted into segments: prefill), "gathered" (BGMV-style,
+    one id per token: decode), or None: gathered when segments average under 16 tokens.
+
+    Inference only (PEFT refuses `adapter_names` in training mode): no autograd; an input that
+    requires grad while grad mode is on is an error rather than a silently detached result.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"multi_lora_linear: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES or x.dim() < 1:
+        raise ValueError(f"multi_lora_linear: x must be [..., K] float32|float16|bfloat16, got {_describe(x)}")
+    nf4_args = None
+    if not isinstance(weight, Tensor) and hasattr(weight, "packed"):  # an NF4 weight
+        nf4_args = _nf4_args(weight)
+        packed, absmax, shape, blocksize, nested, _ = nf4_args
+        if packed.device != x.device:
+            raise ValueError(f"multi_lora_linear: the NF4 weight is on {packed.device}, x is {_describe(x)}")
+        if resolve_backend(x, backend) == "torch":  # the reference path: a dense weight
+            weight, nf4_args = reference.nf4_dequantize(packed, absmax, shape, blocksize, x.dtype, nested), None
+        else:
+            weight = torch.empty(shape, dtype=x.dtype, device="meta")  # shape and dtype, for the checks
+    named = {"x": x, "weight": weight, "bias": bias, "bank.lora_a": getattr(bank, "lora_a", None),
+             "bank.lora_b": getattr(bank, "lora_b", None)}
+    for name, t in named.items():
+        if not isinstance(t, Tensor) and not (name == "bias" and t is None):
+            raise TypeError(f"multi_lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    K, N = x.shape[-1], weight.shape[0]
+    want = {"weight": (N, K), "bias": (N,), "bank.lora_a": (bank.lora_a.shape[0], K),
+            "bank.lora_b": (bank.lora_a.shape[0], N)}
+    for name, t in named.items():
+        if t is None or name == "x":
+            continue
+        if tuple(t.shape) != want[name] or t.dtype != x.dtype or (t.device != x.device and t.device.type != "meta"):
+            raise ValueError(f"multi_lora_linear: {name} must be {list(want[name])} {x.dtype} on {x.device} "
+                             f"(K = x.shape[-1], N = weight.shape[0]); got {name} {_describe(t)}")
+    if path not in _MULTI_PATHS:
+        raise ValueError(f"multi_lora_linear: path must be 'grouped', 'gathered' or None, got {path!r}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in named.values()):
+        raise ValueError("multi_lora_linear is inference only (no backward): run it under torch.no_grad() "
+                         "or with inputs that do not require grad")
+    which = resolve_backend(x, backend)
+    x2d = x.reshape(-1, K)
+    M = x2d.shape[0]
+    groups = token_adapter_ids
+    if isinstance(groups, Tensor):
+        if groups.dim() != 1 or groups.shape[0] != M or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+            raise ValueError(f"multi_lora_linear: token_adapter_ids must be integer [{M}] (one per token of x "
+                             f"{list(x.shape)}), got {_describe(groups)}")
+        from fastpeft import multi
+
+        groups = multi.TokenGroups.from_token_ids(groups.to(x.device))
+        if groups.min_id < -1:
+            raise ValueError(f"multi_lora_linear: adapter id {groups.min_id} out of range [-1, {bank.num_ids})")
+    if groups.M != M or groups.device != x.device:
+        raise ValueError(f"multi_lora_linear: the batch metadata is for {groups.M} tokens on {groups.device}, "
+                         f"x has {M} on {x.device}")
+    if groups.max_id >= bank.num_ids:
+        raise ValueError(f"multi_lora_linear: adapter id {groups.max_id} out of range [-1, {bank.num_ids}) "
+                         f"of the bank")
+    kernels = _multi_kernels(which)
+    common = (x2d, None if nf4_args else weight, bias, bank.lora_a, bank.lora_b, bank.offsets, bank.ranks,
+              bank.scalings, max(1, bank.max_rank))
+    extra = {"nf4": nf4_args} if nf4_args else {}
+    if path == "gathered" or (path is None and M < 16 * groups.num_segments):
+        y = kernels.multi_lora_gathered_fwd(*common, groups.token_ids, **extra)
+    else:
+        y = kernels.multi_lora_grouped_fwd(*common, groups.perm, groups.seg_start, groups.seg_adapter,
+                                           groups.num_segments, groups.max_segment, **extra)
     return y.reshape(*x.shape[:-1], N)

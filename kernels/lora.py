@@ -10,13 +10,17 @@ from strides alone, so transposes are free and nothing is copied:
   backward `lora_bwd_dx`: inp = dY [M, N], Wt = W,   At = B,   Bt = A,   Q = N, P = K, no bias
                           (dX = dY W + s (dY B) A has the same shape of computation).
 
-Two optional scales, constexpr-switched so plain LoRA compiles exactly as before:
+Optional scales and switches, constexpr-switched so plain LoRA compiles exactly as before:
   HAS_RANK_SCALE  (AdaLoRA's singular values E) multiplies the [BLOCK_M, R_PAD] register tile
                   ``inp @ At`` by e[R] before the up-projection: ``s ((x A^T) diag(e)) B^T``; a
                   masked (zero) rank contributes nothing. The backward uses it too:
                   ``dX = dY W + s ((dY B) diag(e)) A``.
   HAS_COL_SCALE   (DoRA's ``m / ||W + s B A||``) multiplies the whole pre-bias accumulator by
                   f[P]: ``out = f * (inp @ Wt + s (inp @ At) @ Bt) + bias``.
+  HAS_IN_SCALE    (IA3's feedforward vector) multiplies each `inp` tile by g[Q] inside the K-loop,
+                  in fp32, rounded back to the operand dtype: ``out = (inp * g) @ Wt + ...``.
+  HAS_LORA        off runs the bare base GEMM (with the scales and bias): `scaled_linear_fwd`,
+                  IA3's forward and both of its input gradients.
 
 Fusion: the K-loop that streams each `inp` tile for the base GEMM also accumulates ``inp @ At``
 into an fp32 [BLOCK_M, R_PAD] register tile; the epilogue multiplies it by the [R_PAD, BLOCK_N]
@@ -33,7 +37,7 @@ import triton.language as tl
 
 from fastpeft.kernels.tiles import INTERPRET_CONFIG, gpu_configs, grouped_tile, interpreting, lora_epilogue
 
-__all__ = ["lora_fwd", "lora_bwd_dx"]
+__all__ = ["lora_fwd", "lora_bwd_dx", "scaled_linear_fwd"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -43,6 +47,7 @@ def _lora_fwd_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr,
     e_ptr, f_ptr,                   # rank scale [R], column scale [P] (read only when switched on)
+    g_ptr,                          # input scale [Q] (read only when HAS_IN_SCALE)
     # sizes: x [M, Q], w [Q, P], a [Q, R], b [R, P], y [M, P]; M_BUCKET only keys the autotuner
     M, P, Q, R, M_BUCKET,
     # strides, in elements
@@ -52,14 +57,16 @@ def _lora_fwd_kernel(
     stride_br, stride_bp,
     stride_bias,
     stride_ym, stride_yp,
-    stride_e, stride_f,
+    stride_e, stride_f, stride_g,
     # the LoRA scale s
     scaling,
     # meta-parameters
     R_PAD: tl.constexpr,            # max(16, next_power_of_2(R)): tl.dot needs dims >= 16
     HAS_BIAS: tl.constexpr,
     HAS_RANK_SCALE: tl.constexpr,   # xa *= e[None, :] before the epilogue dot (AdaLoRA)
-    HAS_COL_SCALE: tl.constexpr,    # acc *= f[None, :] before the bias (DoRA)
+    HAS_COL_SCALE: tl.constexpr,    # acc *= f[None, :] before the bias (DoRA, IA3)
+    HAS_IN_SCALE: tl.constexpr,     # x *= g[None, :] in the K-loop (IA3 feedforward)
+    HAS_LORA: tl.constexpr,         # False: no A, B; the bare scaled base GEMM
     UPCAST: tl.constexpr,           # interpreter + bf16: compute in fp32 right after each load
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no tf32), ignored for fp16/bf16
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -87,20 +94,25 @@ def _lora_fwd_kernel(
         mask_k = offs_k < Q - k * BLOCK_K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-            a = a.to(tl.float32)
+        if HAS_IN_SCALE:  # fp32 product, rounded once to the operand dtype (as PEFT's IA3 does)
+            g = tl.load(g_ptr + (k * BLOCK_K + offs_k) * stride_g, mask=mask_k, other=0.0)
+            x = (x.to(tl.float32) * g.to(tl.float32)[None, :]).to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        xa = tl.dot(x, a, xa, input_precision=INPUT_PRECISION)
+        if HAS_LORA:
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+            xa = tl.dot(x, a, xa, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xq
         w_ptrs += BLOCK_K * stride_wq
         a_ptrs += BLOCK_K * stride_aq
 
     acc = lora_epilogue(acc, xa, b_ptr, e_ptr, f_ptr, bias_ptr, offs_r, offs_n, mask_r, mask_n,
                         stride_br, stride_bp, stride_e, stride_f, stride_bias, scaling,
-                        True, HAS_RANK_SCALE, HAS_COL_SCALE, HAS_BIAS, UPCAST, INPUT_PRECISION)
+                        HAS_LORA, HAS_RANK_SCALE, HAS_COL_SCALE, HAS_BIAS, UPCAST, INPUT_PRECISION)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yp
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -123,7 +135,7 @@ _GPU_SHAPES = [
 # power-of-two bucket of M rather than M itself so that every new sequence length does not
 # re-tune. Autotune benchmarks on first sight of a key: warm up before CUDA-graph capture.
 _lora_fwd_kernel_tuned = triton.autotune(
-    configs=gpu_configs(_GPU_SHAPES), key=["M_BUCKET", "P", "Q", "R_PAD"])(_lora_fwd_kernel)
+    configs=gpu_configs(_GPU_SHAPES), key=["M_BUCKET", "P", "Q", "R_PAD", "HAS_LORA", "HAS_IN_SCALE"])(_lora_fwd_kernel)
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple, ref: torch.Tensor) -> None:
@@ -134,11 +146,13 @@ def _check(name: str, t: torch.Tensor, shape: tuple, ref: torch.Tensor) -> None:
                          f"got {t.dtype} on {t.device}")
 
 
-def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None):
-    """out[M, P] = col_scale[P] * (x[M, Q] @ wt[Q, P] + scaling * ((x @ at[Q, R]) * rank_scale[R])
-    @ bt[R, P]) + bias[P] (views); either scale may be None (= 1)."""
+def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None, in_scale=None):
+    """out[M, P] = col_scale[P] * ((x * in_scale[Q]) @ wt[Q, P] + scaling * ((x @ at[Q, R]) *
+    rank_scale[R]) @ bt[R, P]) + bias[P] (views); any scale may be None (= 1); at, bt None: no
+    LoRA term."""
     M, Q = x.shape
-    P, R = wt.shape[1], at.shape[1]
+    has_lora = at is not None
+    P, R = wt.shape[1], (at.shape[1] if has_lora else 1)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x: dtype must be float32|float16|bfloat16, got {x.dtype}")
     if R < 1:
@@ -163,6 +177,8 @@ def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None):
         HAS_BIAS=has_bias,
         HAS_RANK_SCALE=rank_scale is not None,
         HAS_COL_SCALE=col_scale is not None,
+        HAS_IN_SCALE=in_scale is not None,
+        HAS_LORA=has_lora,
         UPCAST=interpret and x.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
@@ -170,17 +186,19 @@ def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None):
     if interpret:
         meta.update(INTERPRET_CONFIG)
     kernel[_grid](
-        x, wt, bias if has_bias else x, at, bt, out,
+        x, wt, bias if has_bias else x, at if has_lora else x, bt if has_lora else x, out,
         x if rank_scale is None else rank_scale, x if col_scale is None else col_scale,
+        x if in_scale is None else in_scale,
         M, P, Q, R, triton.next_power_of_2(M),
         x.stride(0), x.stride(1),
         wt.stride(0), wt.stride(1),
-        at.stride(0), at.stride(1),
-        bt.stride(0), bt.stride(1),
+        at.stride(0) if has_lora else 0, at.stride(1) if has_lora else 0,
+        bt.stride(0) if has_lora else 0, bt.stride(1) if has_lora else 0,
         bias.stride(0) if has_bias else 0,
         out.stride(0), out.stride(1),
         0 if rank_scale is None else rank_scale.stride(0),
         0 if col_scale is None else col_scale.stride(0),
+        0 if in_scale is None else in_scale.stride(0),
         float(scaling),
         **meta,
     )
@@ -236,3 +254,26 @@ def lora_bwd_dx(dy2d: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
     if rank_scale is not None:
         _check("rank_scale", rank_scale, (r,), dy2d)
     return _launch(dy2d, weight, None, lora_B, lora_A, scaling, out, rank_scale)
+
+
+def scaled_linear_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      out: torch.Tensor | None = None, *, in_scale: torch.Tensor | None = None,
+                      col_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y = f * ((x * g) W^T) + b, a plain linear with IA3's scales, on the LoRA kernel (no LoRA).
+
+    x2d: [M, K] fp32|fp16|bf16 any strides; weight: [N, K] x2d.dtype any strides (pass ``W.t()``
+    for the input gradient ``dY W``); bias: [N] x2d.dtype or None; in_scale: [K] x2d.dtype or None
+    (g, applied to x's columns inside the K-loop); col_scale: [N] x2d.dtype or None (f, applied
+    before the bias); out: [M, N] x2d.dtype any strides, or None -> out, [M, N] x2d.dtype.
+    """
+    if x2d.dim() != 2:
+        raise ValueError(f"x2d: expected [M, K], got {list(x2d.shape)}")
+    (M, K), N = x2d.shape, weight.shape[0]
+    _check("weight", weight, (N, K), x2d)
+    if bias is not None:
+        _check("bias", bias, (N,), x2d)
+    if in_scale is not None:
+        _check("in_scale", in_scale, (K,), x2d)
+    if col_scale is not None:
+        _check("col_scale", col_scale, (N,), x2d)
+    return _launch(x2d, weight.t(), bias, None, None, 0.0, out, None, col_scale, in_scale)

@@ -55,6 +55,59 @@ def lora_bwd_dx(dy2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     return dx.to(dy2d.dtype)
 
 
+__all__ += ["scaled_linear_fwd"]
+
+
+def scaled_linear_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, *,
+                      in_scale: Tensor | None = None, col_scale: Tensor | None = None) -> Tensor:
+    """y = f * ((x * g) W^T) + b, IA3's scaled linear (kernels/lora.py with HAS_LORA off).
+
+    x2d: [M, K]; weight: [N, K] any strides; bias: [N] or None; in_scale g: [K] or None, the
+    product ``x * g`` rounded to x's dtype before the GEMM (as the kernel and PEFT do); col_scale
+    f: [N] or None -> [M, N] x2d.dtype, contiguous.
+    """
+    xf = x2d.float()
+    if in_scale is not None:
+        xf = (xf * in_scale.float()).to(x2d.dtype).float()
+    y = F.linear(xf, weight.float())
+    if col_scale is not None:
+        y.mul_(col_scale.float())
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x2d.dtype)
+
+
+# -- bottleneck adapter (kernels/adapter.py) -------------------------------------------------------
+__all__ += ["adapter_activation", "adapter_fwd"]
+
+
+def adapter_activation(z: Tensor, activation: str) -> Tensor:
+    """The bottleneck non-linearity by name (gelu: the exact, erf form); differentiable."""
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "silu":
+        return F.silu(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    raise ValueError(f"unknown adapter activation {activation!r}")
+
+
+def adapter_fwd(x2d: Tensor, down_w: Tensor, down_b: Tensor | None, up_w: Tensor, up_b: Tensor | None,
+                scaling: float, activation: str, residual: Tensor | None = None) -> Tensor:
+    """out = res + s * (act(x Wd^T + bd) Wu^T + bu), res = x when `residual` is None.
+
+    x2d: [M, H]; down_w: [b, H]; down_b: [b] or None; up_w: [H, b]; up_b: [H] or None; residual:
+    [M, H] or None -> [M, H] x2d.dtype, contiguous (fp32 maths, like the kernel's accumulator).
+    """
+    xf = x2d.float()
+    a = adapter_activation(F.linear(xf, down_w.float(), None if down_b is None else down_b.float()), activation)
+    up = F.linear(a, up_w.float(), None if up_b is None else up_b.float())
+    res = xf if residual is None else residual.float()
+    return (res + scaling * up).to(x2d.dtype)
+
+
 # -- NF4 (bitsandbytes' 4-bit NormalFloat, QLoRA) ------------------------------------------------
 # The format is bitsandbytes': 16 code values (index 7 is 0.0), fp32 absmax per block of
 # `blocksize` over the flattened row-major [N, K] weight (a tail block is allowed, and a block may
@@ -210,3 +263,74 @@ def nf4_linear_bwd_dx(dy2d: Tensor, packed: Tensor, absmax: Tensor, shape: tuple
     if lora_A is None:
         return (dy2d.float() @ weight.float()).to(dy2d.dtype)
     return lora_bwd_dx(dy2d, weight, lora_A, lora_B, scaling, rank_scale=rank_scale)
+
+
+# -- multi-adapter LoRA (mixed-adapter batches, kernels/multi_lora.py) ---------------------------
+# A bank holds every adapter's A rows in lora_a [R_total, K] and B^T rows in lora_b [R_total, N],
+# adapter i at rows offsets[i] : offsets[i] + ranks[i], scale scalings[i]; id -1 (or rank 0) is
+# the base alone. These references are also the CPU path, so they are batched: the adapters'
+# factors are gathered into [groups, max_rank, *] stacks and applied with two bmm's, never a
+# Python loop per adapter. Gathered rows past an adapter's rank are masked out of the [*, rank]
+# product, not out of the stacks (that costs a pass over them), so rows of lora_b that belong to
+# no adapter must be finite (fastpeft.multi.AdapterBank keeps them zero or a freed adapter's).
+__all__ += ["multi_lora_grouped_fwd", "multi_lora_gathered_fwd"]
+
+
+def _bank_factors(lora_a: Tensor, lora_b: Tensor, offsets: Tensor, ranks: Tensor, scalings: Tensor,
+                  ids: Tensor, max_rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For the adapter ids `ids` [G] (-1: none): fp32 A stacks [G, max_rank, K] and B^T stacks
+    [G, max_rank, N] (rows past each rank unmasked), the rank mask [G, max_rank] (False past the
+    rank and for -1) and the scales [G]."""
+    has = ids >= 0
+    slot = ids.clamp(min=0).long()
+    r = torch.arange(max_rank, device=ids.device)
+    valid = has[:, None] & (r[None, :] < ranks[slot][:, None])
+    rows = (offsets[slot].long()[:, None] + r).masked_fill_(~valid, 0).flatten()
+    G = ids.shape[0]
+    a = lora_a.index_select(0, rows).view(G, max_rank, -1).float()
+    b = lora_b.index_select(0, rows).view(G, max_rank, -1).float()
+    return a, b, valid, scalings[slot].float().masked_fill_(~has, 0.0)
+
+
+def multi_lora_grouped_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
+                           lora_b: Tensor, offsets: Tensor, ranks: Tensor, scalings: Tensor,
+                           max_rank: int, perm: Tensor, seg_start: Tensor, seg_adapter: Tensor,
+                           num_segments: int, max_segment: int) -> Tensor:
+    """y = x W^T + b + per-segment LoRA, tokens grouped by adapter (the SGMV kernel's reference).
+
+    Shapes as in `fastpeft.kernels.multi_lora.multi_lora_grouped_fwd`; perm must hold every token
+    once. Each segment's tokens are gathered into a [S, max_segment, K] stack (padding rows are
+    zero), multiplied by the segment's adapter stacks with two bmm's and scattered back -> [M, N]
+    x2d.dtype. No host synchronisation.
+    """
+    M = x2d.shape[0]
+    y = F.linear(x2d.float(), weight.float(), None if bias is None else bias.float())
+    if num_segments == 0 or M == 0 or max_segment == 0:
+        return y.to(x2d.dtype)
+    S = num_segments
+    starts, ends = seg_start[:S].long(), seg_start[1:S + 1].long()
+    pos = starts[:, None] + torch.arange(max_segment, device=x2d.device)
+    dead = pos >= ends[:, None]                                     # [S, L] padding
+    tok = perm.long()[pos.clamp(max=M - 1)].masked_fill_(dead, 0)
+    a, b, valid, scale = _bank_factors(lora_a, lora_b, offsets, ranks, scalings, seg_adapter[:S], max_rank)
+    xs = x2d.float()[tok]                                          # [S, L, K]
+    xa = torch.bmm(xs, a.transpose(1, 2))                          # [S, L, R]
+    keep = valid[:, None, :] & ~dead[:, :, None]
+    xa = torch.where(keep, xa, 0.0) * scale[:, None, None]
+    y.index_add_(0, tok.flatten(), torch.bmm(xa, b).flatten(0, 1))
+    return y.to(x2d.dtype)
+
+
+def multi_lora_gathered_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
+                            lora_b: Tensor, offsets: Tensor, ranks: Tensor, scalings: Tensor,
+                            max_rank: int, token_ids: Tensor) -> Tensor:
+    """y = x W^T + b + each token's own LoRA term (the BGMV kernel's reference): the factors of
+    every token's adapter are gathered into [M, max_rank, *] stacks, then two bmm's -> [M, N]."""
+    y = F.linear(x2d.float(), weight.float(), None if bias is None else bias.float())
+    if x2d.shape[0] == 0:
+        return y.to(x2d.dtype)
+    a, b, valid, scale = _bank_factors(lora_a, lora_b, offsets, ranks, scalings, token_ids, max_rank)
+    xa = torch.bmm(a, x2d.float()[:, :, None])[:, :, 0]           # [M, R]
+    xa = torch.where(valid, xa, 0.0) * scale[:, None]
+    y += torch.bmm(xa[:, None, :], b)[:, 0]
+    return y.to(x2d.dtype)

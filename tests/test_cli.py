@@ -87,7 +87,10 @@ def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
     timed = {(r["method"], r["impl"], r["phase"]) for r in method_rows if r["status"] == "ok"}
     expected = {("base", "base", p) for p in phases} | {(m, "fastpeft", p) for m in methods.METHODS for p in phases}
     if HAS_PEFT:
-        expected |= {(m, "peft", p) for m in methods.METHODS for p in phases if m != "qlora" or HAS_BNB}
+        expected |= {(m, "peft", p) for m in methods.METHODS for p in phases
+                     if (m != "qlora" or HAS_BNB) and methods.METHODS[m].peft_has}
+        assert all(r["status"].startswith("n/a") for r in method_rows  # fastpeft's own methods
+                   if r["impl"].startswith("peft") and not methods.METHODS[r["method"]].peft_has)
     assert expected <= timed, expected - timed
     for r in method_rows:
         if r["status"] == "ok":

@@ -39,6 +39,11 @@ class Method:
     config: Callable[[Any], Any]
     mergeable: bool
     prepare: Callable[[Any, Any], Any] | None = None
+    # > 1: a mixed batch, `adapters` adapters of `config` loaded and row i run on adapter
+    # i % adapters through `adapter_names=` (both libraries' mixed-batch path)
+    adapters: int = 1
+    # False for fastpeft's own methods (BitFit, bottleneck adapters): the peft rows say so
+    peft_has: bool = True
 
 
 def _quantized(base, lib):
@@ -67,6 +72,16 @@ METHODS: dict[str, Method] = {
     ),
     "prefix_tuning": Method(lambda lib: lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20), False),
     "qlora": Method(lambda lib: lib.LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_LINEARS), False, _quantized),
+    "ia3": Method(lambda lib: lib.IA3Config(), True),
+    "bitfit": Method(lambda lib: lib.BitFitConfig(biases="all", add_bias=True), True, peft_has=False),
+    "adapter_houlsby": Method(lambda lib: lib.AdapterConfig(variant="houlsby", reduction_factor=16), False,
+                              peft_has=False),
+    "adapter_parallel": Method(lambda lib: lib.AdapterConfig(variant="parallel", reduction_factor=16, scaling=4.0),
+                               False, peft_has=False),
+    "lora_mixed16": Method(
+        lambda lib: lib.LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_LINEARS, init_lora_weights=False),
+        False, adapters=16,
+    ),
 }
 
 
@@ -155,6 +170,7 @@ class Case:
     model: Any  # None when there is nothing to time; `status` says why
     status: str = "ok"
     counts: tuple[int, int] | None = None  # (trainable, all) parameters, before freezing
+    names: list[str] | None = None  # a mixed batch's adapters (Method.adapters > 1)
 
 
 def _cases(base, names: list[str]) -> dict[tuple[str, str], Case]:
@@ -169,10 +185,11 @@ def _cases(base, names: list[str]) -> dict[tuple[str, str], Case]:
     for name in names:
         method = METHODS[name]
         for impl, lib in (("fastpeft", fastpeft), ("peft", peft)):
-            if lib is None:
-                cases[(name, impl)] = Case(None, "not installed")
+            if lib is None or (impl == "peft" and not method.peft_has):
+                why = "not installed" if lib is None else "n/a: peft lacks this method"
+                cases[(name, impl)] = Case(None, why)
                 if method.mergeable:
-                    cases[(name, "peft merged")] = Case(None, "not installed")
+                    cases[(name, "peft merged")] = Case(None, why)
                 continue
             try:
                 model = copy.deepcopy(base)
@@ -180,6 +197,9 @@ def _cases(base, names: list[str]) -> dict[tuple[str, str], Case]:
                     model = method.prepare(model, lib)
                 model = lib.get_peft_model(model, method.config(lib)).eval()
                 counts = model.get_nb_trainable_parameters()
+                mixed = ["default"] + [f"mix{i}" for i in range(1, method.adapters)]
+                for extra in mixed[1:]:
+                    model.add_adapter(extra, method.config(lib))
                 _make_nontrivial(model)
             except ModuleNotFoundError as e:  # a peer package the method needs (bitsandbytes)
                 cases[(name, impl)] = Case(None, f"not installed: {e.name}" if e.name else f"error: {e}")
@@ -187,7 +207,7 @@ def _cases(base, names: list[str]) -> dict[tuple[str, str], Case]:
             except Exception as e:  # noqa: BLE001  (one broken method must not sink the run)
                 cases[(name, impl)] = Case(None, f"error: {type(e).__name__}: {e}")
                 continue
-            cases[(name, impl)] = Case(model, counts=counts)
+            cases[(name, impl)] = Case(model, counts=counts, names=mixed if method.adapters > 1 else None)
             if impl == "peft" and method.mergeable:
                 cases[(name, "peft merged")] = Case(copy.deepcopy(model).merge_and_unload().eval(), counts=counts)
     return cases
@@ -205,22 +225,30 @@ def _make_nontrivial(model) -> None:
             param.requires_grad_(False)
 
 
-def _prefill_fn(model, ids, mask) -> Callable[[], object]:
-    return lambda: model(input_ids=ids, attention_mask=mask, use_cache=False)
+def _mixed_kwargs(names: list[str] | None, batch: int) -> dict:
+    """`adapter_names=` for a mixed case: row i on adapter i % len(names); {} otherwise."""
+    return {} if names is None else {"adapter_names": [names[i % len(names)] for i in range(batch)]}
 
 
-def _decode_fn(model, ids, mask) -> Callable[[], object]:
+def _prefill_fn(model, ids, mask, names=None) -> Callable[[], object]:
+    kwargs = _mixed_kwargs(names, ids.shape[0])
+    return lambda: model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+
+
+def _decode_fn(model, ids, mask, names=None) -> Callable[[], object]:
     """One decode step after the model's own prefill (prompt methods fill the cache with their
-    virtual tokens or prefixes there); the step runs the adapted inner model on the cache."""
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    virtual tokens or prefixes there); the step runs the adapted inner model on the cache (a
+    mixed case runs the wrapper: `adapter_names=` lives there)."""
+    kwargs = _mixed_kwargs(names, ids.shape[0])
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
     cache = out.past_key_values
     length = cache.get_seq_length()
     token = out.logits[:, -1:].argmax(-1)
     step_mask = torch.ones(ids.shape[0], length + 1, dtype=mask.dtype, device=ids.device)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") and not kwargs else model
 
     def step():
-        inner(input_ids=token, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+        inner(input_ids=token, attention_mask=step_mask, past_key_values=cache, use_cache=True, **kwargs)
         cache.crop(-1)  # drop the token just appended (negative: works on old and new caches)
 
     return step
@@ -257,7 +285,7 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict
                     here[key].status = "n/a: not a generative model"
                     continue
                 try:
-                    calls[key] = make(model, ids, mask)
+                    calls[key] = make(model, ids, mask, case.names)
                     calls[key]()
                 except Exception as e:  # noqa: BLE001
                     here[key].status = f"error: {type(e).__name__}: {e}"

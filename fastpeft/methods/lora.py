@@ -113,6 +113,9 @@ class LoraLinear(AdapterLayer):
     # empty, and out of every state dict, for plain LoRA adapters.
     adapter_layer_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", dora.LAYER_NAME)
     other_param_names: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "scaling", "lora_dropout")
+    # Set by fastpeft.multi.mixed_batch for the length of a `adapter_names=` call: the rows'
+    # adapters; forward then runs every adapter of `multi_bank` (also set there) in one launch.
+    mixed_batch = None
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, key: str):
         super().__init__(base_layer)
@@ -200,6 +203,9 @@ class LoraLinear(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters and self.merged:
             self.unmerge()
+        if self.mixed_batch is not None and not self.disable_adapters:
+            return ops.multi_lora_linear(x, self.base_weight(), self.base_layer.bias, self.multi_bank,
+                                         self.mixed_batch.groups_for(x))
         name = self.active_adapter
         if self.disable_adapters or self.merged or name is None:
             return self.base_layer(x, *args, **kwargs)
@@ -336,11 +342,16 @@ class NF4LoraLinear(LoraLinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters and self.merged:
             self.unmerge()
+        base = self.base_layer
+        dtype = base.compute_dtype
+        if self.mixed_batch is not None and not self.disable_adapters:  # every adapter over the 4-bit base
+            bias = None if base.bias is None else base.bias.to(dtype)
+            y = ops.multi_lora_linear(x.to(dtype), base.nf4_weight(), bias, self.multi_bank,
+                                      self.mixed_batch.groups_for(x))
+            return y.to(x.dtype)
         name = self.active_adapter
         if self.disable_adapters or self.merged or name is None:
             return self.base_layer(x, *args, **kwargs)
-        base = self.base_layer
-        dtype = base.compute_dtype
         col_scale = None
         if name in self.lora_magnitude_vector:  # DoRA: the norm of the dequantized W, cached in eval
             col_scale = self.lora_magnitude_vector[name].factor(

@@ -182,3 +182,71 @@ def test_lora_variants_gpu_sizes(M, dtype):
     dy = _rand(torch.Generator().manual_seed(2), M, 520, dtype=dtype, device="cuda")
     _close(lora.lora_bwd_dx(dy, t["weight"], t["lora_A"], t["lora_B"], 2.0, rank_scale=t["rank_scale"]),
            reference.lora_bwd_dx(dy, t["weight"], t["lora_A"], t["lora_B"], 2.0, rank_scale=t["rank_scale"]))
+
+
+# -- IA3: HAS_IN_SCALE (input columns scaled in the K-loop) and HAS_LORA off ------------------------
+IA3_CASES = [
+    # M, K, N, dtype, bias, g, f, x_layout, w_layout
+    (37, 45, 51, FP32, True, True, False, "contig", "contig"),
+    (37, 45, 51, FP16, False, True, False, "step", "t"),
+    (5, 70, 33, FP32, True, False, True, "t", "contig"),
+    (19, 33, 41, FP16, True, True, True, "contig", "step"),
+    (9, 21, 35, BF16, True, True, True, "contig", "contig"),  # interpreter: UPCAST path
+]
+
+
+@pytest.mark.parametrize("M,K,N,dtype,bias,g,f,x_layout,w_layout", IA3_CASES)
+def test_scaled_linear_fwd_matches_reference(device, M, K, N, dtype, bias, g, f, x_layout, w_layout):
+    t = _case(M, K, N, 1, dtype, device, bias=bias, e=False, f=f, x_layout=x_layout, w_layout=w_layout)
+    gen = torch.Generator().manual_seed(3)
+    in_scale = (torch.rand(2 * K, generator=gen) + 0.5).to(device=device, dtype=dtype)[::2] if g else None
+    out = torch.full((N, M), float("nan"), dtype=dtype, device=device).t()  # poisoned, strided
+    got = lora.scaled_linear_fwd(t["x"], t["weight"], t["bias"], out, in_scale=in_scale, col_scale=t["col_scale"])
+    assert got is out
+    want = reference.scaled_linear_fwd(t["x"], t["weight"], t["bias"], in_scale=in_scale, col_scale=t["col_scale"])
+    _close(got, want)
+
+
+def test_scaled_linear_without_scales_is_plain_linear(device):
+    t = _case(23, 29, 31, 1, FP32, device, bias=True, e=False, f=False)
+    got = lora.scaled_linear_fwd(t["x"], t["weight"], t["bias"])
+    _close(got, torch.nn.functional.linear(t["x"], t["weight"], t["bias"]))
+
+
+def test_scaled_linear_rejects_bad_scales(device):
+    t = _case(4, 6, 5, 1, FP32, device, bias=False, e=False, f=False)
+    with pytest.raises(ValueError, match="in_scale"):
+        lora.scaled_linear_fwd(t["x"], t["weight"], None, in_scale=torch.ones(5, device=device))
+    with pytest.raises(ValueError, match="scale must be \\[6\\]"):
+        ops.ia3_linear(t["x"], t["weight"], None, torch.ones(5, device=device), feedforward=True)
+    with pytest.raises(ValueError, match="scale"):
+        ops.ia3_linear(t["x"], t["weight"], None, torch.ones(5, device=device, dtype=FP16), feedforward=False)
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16])
+@pytest.mark.parametrize("feedforward", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ia3_gradients_match_autograd_of_reference(device, backend, dtype, feedforward, bias):
+    M, K, N = 13, 19, 23
+    t = _case(M, K, N, 1, dtype, device, bias=bias, e=False, f=False)
+    gen = torch.Generator().manual_seed(7)
+    scale = (torch.rand(K if feedforward else N, generator=gen) + 0.5).to(device=device, dtype=dtype)
+    leaves = {"x": t["x"], "weight": t["weight"], "scale": scale, "bias": t["bias"]}
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items() if v is not None}
+    mine = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    dy = torch.randn(M, N, generator=gen).to(device=device, dtype=dtype)
+
+    y = ops.ia3_linear(mine["x"], mine["weight"], mine.get("bias"), mine["scale"], feedforward)
+    y.backward(dy)
+    xf = leaves["x"].float()
+    if feedforward:
+        want = torch.nn.functional.linear(xf * leaves["scale"].float(), leaves["weight"].float(),
+                                          None if not bias else leaves["bias"].float())
+    else:
+        want = leaves["scale"].float() * torch.nn.functional.linear(
+            xf, leaves["weight"].float(), None if not bias else leaves["bias"].float())
+    want.backward(dy.float())
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.float(), want.detach(), atol=atol, rtol=rtol)
+    for k, leaf in leaves.items():  # grads summed over M rows: tolerance grows with sqrt(M)
+        torch.testing.assert_close(mine[k].grad.float(), leaf.grad.float(), atol=atol * 8, rtol=rtol * 8)

@@ -1,0 +1,310 @@
+"""Mixed-adapter batches for LoRA: PEFT's `adapter_names=` contract, one kernel launch per layer.
+
+Three pieces:
+  `AdapterBank`   one per LoRA layer: every adapter's A rows stacked in one ``lora_a [R, in]``
+                  buffer and its B^T rows in ``lora_b [R, out]``, each adapter at its OWN rank
+                  (no padding to the largest rank), with per-adapter ``offsets``, ``ranks``,
+                  ``scalings`` tables indexed by a model-wide adapter id. Adding an adapter
+                  writes only its rows (into a freed span or at the end); deleting one frees its
+                  rows; the others are never re-packed (growing the buffer copies it once per
+                  doubling, offsets unchanged).
+  `TokenGroups`   the batch metadata of one forward: adapter id per token, tokens sorted by
+                  adapter into segments (the grouped kernel) -- built on the host from the rows'
+                  ids, which the host already knows, and copied to the device once; every layer
+                  of that forward shares it, so no layer synchronises with the device.
+  `mixed_batch`   the context manager behind ``PeftModel.forward/generate(adapter_names=...)``:
+                  PEFT's checks and errors, beam-search expansion of the names, bank refresh,
+                  and the metadata handed to every `LoraLinear`.
+
+Banks are copies of the adapters' parameters, refreshed when a parameter's storage or version
+counter changes (load_state_dict, an optimizer step and merges all bump it), so they never go
+stale, and refreshing one adapter leaves the others alone. Mixed batches are inference only, as
+in PEFT (which refuses them in training mode); here the forward also runs without autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+BASE = "__base__"  # PEFT's row name for "no adapter"
+
+
+class AdapterBank:
+    """One layer's adapters packed for the multi-adapter kernels (see the module docstring).
+
+    lora_a: [capacity, in] and lora_b: [capacity, out] in the layer's compute dtype and device;
+    offsets, ranks: int32 [num_ids]; scalings: fp32 [num_ids]; a rank of 0 marks an id this
+    layer does not hold (its rows get the base layer only); max_rank: python int.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.device = dtype, torch.device(device)
+        self.lora_a = torch.zeros(0, in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(0, out_features, dtype=dtype, device=device)
+        self.offsets = torch.zeros(0, dtype=torch.int32, device=device)
+        self.ranks = torch.zeros(0, dtype=torch.int32, device=device)
+        self.scalings = torch.zeros(0, dtype=torch.float32, device=device)
+        self.used = 0                               # rows in use at the end of the buffers
+        self.free: list[tuple[int, int]] = []       # (start, size) spans freed by removals
+        self.spans: dict[int, tuple[int, int]] = {}  # id -> (offset, rank), host copy of the tables
+        self.stamps: dict[int, tuple] = {}           # id -> what its rows were copied from
+
+    @property
+    def num_ids(self) -> int:
+        return self.offsets.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return max((r for _, r in self.spans.values()), default=0)
+
+    def reserve_ids(self, n: int) -> None:
+        if n > self.num_ids:
+            grow = max(n, 2 * self.num_ids) - self.num_ids
+            self.offsets = torch.cat([self.offsets, self.offsets.new_zeros(grow)])
+            self.ranks = torch.cat([self.ranks, self.ranks.new_zeros(grow)])
+            self.scalings = torch.cat([self.scalings, self.scalings.new_zeros(grow)])
+
+    def _allocate(self, rank: int) -> int:
+        """First freed span that fits, else the end (the buffers double when full)."""
+        for i, (start, size) in enumerate(self.free):
+            if size >= rank:
+                self.free[i : i + 1] = [(start + rank, size - rank)] if size > rank else []
+                return start
+        start = self.used
+        self.used += rank
+        if self.used > self.lora_a.shape[0]:
+            grow = max(self.used, 2 * self.lora_a.shape[0]) - self.lora_a.shape[0]
+            self.lora_a = torch.cat([self.lora_a, self.lora_a.new_zeros(grow, self.in_features)])
+            self.lora_b = torch.cat([self.lora_b, self.lora_b.new_zeros(grow, self.out_features)])
+        return start
+
+    def add(self, adapter_id: int, lora_A: Tensor, lora_B: Tensor, scaling: float, stamp: tuple | None = None) -> None:
+        """Store adapter `adapter_id`: lora_A [r, in], lora_B [out, r] (any float dtype), its scale."""
+        if adapter_id in self.spans:
+            raise ValueError(f"adapter id {adapter_id} is already in the bank: remove it first")
+        r = self._check(adapter_id, lora_A, lora_B)
+        offset = self._allocate(r)
+        self.reserve_ids(adapter_id + 1)
+        self.spans[adapter_id] = (offset, r)
+        self.offsets[adapter_id] = offset
+        self.ranks[adapter_id] = r
+        self._write(adapter_id, lora_A, lora_B, scaling, stamp)
+
+    def update(self, adapter_id: int, lora_A: Tensor, lora_B: Tensor, scaling: float,
+               stamp: tuple | None = None) -> None:
+        """Overwrite the rows of an adapter already in the bank, at the rank it was added with."""
+        if adapter_id not in self.spans:
+            raise ValueError(f"adapter id {adapter_id} is not in the bank: add it first")
+        r = self._check(adapter_id, lora_A, lora_B)
+        if r != self.spans[adapter_id][1]:
+            raise ValueError(f"adapter id {adapter_id}: rank {r} differs from the bank's record "
+                             f"{self.spans[adapter_id][1]}; remove and add it again")
+        self._write(adapter_id, lora_A, lora_B, scaling, stamp)
+
+    def remove(self, adapter_id: int) -> None:
+        """Free an adapter's rows; its id then gets the base layer only."""
+        offset, r = self.spans.pop(adapter_id)
+        self.stamps.pop(adapter_id, None)
+        self.free.append((offset, r))
+        self.ranks[adapter_id] = 0
+        self.scalings[adapter_id] = 0.0
+
+    def _check(self, adapter_id: int, lora_A: Tensor, lora_B: Tensor) -> int:
+        if not isinstance(adapter_id, int) or adapter_id < 0:
+            raise ValueError(f"adapter ids are ints >= 0, got {adapter_id!r}")
+        r = lora_A.shape[0] if lora_A.dim() == 2 else -1
+        if r < 1 or lora_A.shape[1] != self.in_features or tuple(lora_B.shape) != (self.out_features, r):
+            raise ValueError(f"adapter id {adapter_id}: expected lora_A [r, {self.in_features}] and lora_B "
+                             f"[{self.out_features}, r], got {list(lora_A.shape)} and {list(lora_B.shape)}")
+        return r
+
+    def _write(self, adapter_id: int, lora_A: Tensor, lora_B: Tensor, scaling: float, stamp: tuple | None) -> None:
+        offset, r = self.spans[adapter_id]
+        with torch.no_grad():
+            self.lora_a[offset : offset + r].copy_(lora_A)
+            self.lora_b[offset : offset + r].copy_(lora_B.t())
+        self.scalings[adapter_id] = float(scaling)
+        self.stamps[adapter_id] = stamp
+
+    def sync(self, adapters: dict[int, tuple[Tensor, Tensor, float]]) -> None:
+        """Make the bank hold exactly `adapters` ({id: (lora_A, lora_B, scaling)}): ids gone are
+        removed, new ones added, and an adapter is re-copied only when its stamp (storage,
+        version counter, rank, scaling) changed."""
+        for adapter_id in [i for i in self.spans if i not in adapters]:
+            self.remove(adapter_id)
+        for adapter_id, (a, b, scaling) in adapters.items():
+            # inference tensors (made under torch.inference_mode) have no version counter: no stamp,
+            # so they are re-copied on every sync
+            stamp = None if a.is_inference() or b.is_inference() else (
+                a.data_ptr(), a._version, b.data_ptr(), b._version, a.shape[0], float(scaling))
+            if adapter_id not in self.spans:
+                self.add(adapter_id, a, b, scaling, stamp)
+            elif stamp is None or self.stamps.get(adapter_id) != stamp:
+                if self.spans[adapter_id][1] != a.shape[0]:
+                    self.remove(adapter_id)
+                    self.add(adapter_id, a, b, scaling, stamp)
+                else:
+                    self.update(adapter_id, a, b, scaling, stamp)
+
+
+class TokenGroups:
+    """The metadata of one forward over `rows` rows of `tokens_per_row` tokens each (token m is
+    in row m // tokens_per_row), all on `device`, built from host ints with one copy:
+
+    token_ids int32 [M] (adapter id per token, -1 base); perm int32 [M] (tokens sorted by id,
+    stable); seg_start int32 [S + 1] and seg_adapter int32 [S] (segments of perm sharing an id);
+    host ints M, num_segments S, max_segment (longest segment), min_id, max_id.
+    """
+
+    def __init__(self, row_ids: Tensor | list[int], tokens_per_row: int, device: torch.device | str):
+        ids = torch.as_tensor(row_ids, dtype=torch.int64).flatten().cpu()
+        T = int(tokens_per_row)
+        self.rows, self.tokens_per_row, self.M = ids.numel(), T, ids.numel() * T
+        order = torch.sort(ids, stable=True).indices
+        seg_ids, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        perm = (order[:, None] * T + torch.arange(T)).flatten()
+        seg_start = torch.cat([counts.new_zeros(1), torch.cumsum(counts * T, 0)])
+        self.num_segments = seg_ids.numel()
+        self.max_segment = int(counts.max()) * T if self.num_segments else 0
+        self.max_id = int(ids.max()) if ids.numel() else -1
+        self.min_id = int(ids.min()) if ids.numel() else -1
+        packed = torch.cat([ids.repeat_interleave(T), perm, seg_start, seg_ids]).to(torch.int32)
+        packed = packed.to(device, non_blocking=True)
+        M, S = self.M, self.num_segments
+        self.token_ids, self.perm = packed[:M], packed[M : 2 * M]
+        self.seg_start, self.seg_adapter = packed[2 * M : 2 * M + S + 1], packed[2 * M + S + 1 :]
+        self.device = packed.device
+
+    @classmethod
+    def from_token_ids(cls, token_ids: Tensor) -> TokenGroups:
+        """Metadata for a 1-D tensor of per-token ids (one token per row); reads it on the host."""
+        return cls(token_ids.detach().cpu(), 1, token_ids.device)
+
+
+class MixedBatch:
+    """The rows' adapter ids of one mixed forward or generate call; hands each layer the
+    `TokenGroups` for its input, built by the first layer that sees a (tokens per row, device)
+    and shared by all later layers and forwards of the call (a generate call builds its decode
+    metadata once)."""
+
+    def __init__(self, names: list[str], row_ids: list[int]):
+        self.names, self.row_ids = names, row_ids
+        self._groups: dict[tuple[int, torch.device], TokenGroups] = {}
+
+    def groups_for(self, x: Tensor) -> TokenGroups:
+        rows = len(self.row_ids)
+        if x.dim() < 2 or x.shape[0] != rows:
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{rows} and {x.shape[0] if x.dim() else 0} respectively.")
+        T = x[0].numel() // x.shape[-1]
+        key = (T, x.device)
+        if key not in self._groups:
+            self._groups[key] = TokenGroups(self.row_ids, T, x.device)
+        return self._groups[key]
+
+
+class AdapterIds:
+    """Model-wide adapter ids for the banks: stable while an adapter lives, reused after."""
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+
+    def sync(self, names: list[str]) -> dict[str, int]:
+        for gone in [n for n in self.ids if n not in names]:
+            del self.ids[gone]
+        taken = set(self.ids.values())
+        free = (i for i in range(len(names) + len(taken)) if i not in taken)
+        for name in names:
+            if name not in self.ids:
+                self.ids[name] = next(free)
+        return self.ids
+
+
+def _walk(peft_model: nn.Module) -> tuple[list[nn.Module], bool]:
+    """The model's LoRA layers and whether it has modules_to_save wrappers, in one module walk."""
+    from fastpeft.methods.base import ModulesToSaveWrapper
+    from fastpeft.methods.lora import LoraLinear
+
+    modules = list(peft_model.base_model.model.modules())
+    return ([m for m in modules if isinstance(m, LoraLinear)],
+            any(isinstance(m, ModulesToSaveWrapper) for m in modules))
+
+
+def check_mixed_batch(peft_model: nn.Module, adapter_names: Any, walk=None) -> list[str]:
+    """PEFT's checks for `adapter_names`, before anything runs; returns the names as a list."""
+    from fastpeft.methods.lora import LoraLinear, LoraModel, NF4LoraLinear
+
+    tuner = peft_model.base_model
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+    if type(tuner) is not LoraModel:
+        raise NotImplementedError(f"adapter_names= (mixed-adapter batches) is supported for LoRA models, "
+                                  f"not {type(tuner).__name__}")
+    if peft_model.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    layers, has_wrappers = walk or _walk(peft_model)
+    known = {name for layer in layers for name in layer.lora_A}
+    unknown = sorted({n for n in adapter_names if n != BASE} - known)
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+    wanted = set(adapter_names) - {BASE}
+    for layer in layers:
+        if type(layer) not in (LoraLinear, NF4LoraLinear):
+            raise NotImplementedError(f"mixed-adapter batches over {type(layer).__name__} layers are not implemented")
+        if layer.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        if wanted & set(layer.lora_magnitude_vector):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+    if has_wrappers:
+        raise NotImplementedError("mixed-adapter batches with modules_to_save (e.g. SEQ_CLS heads) are not "
+                                  "implemented yet")
+    return list(adapter_names)
+
+
+def sync_banks(peft_model: nn.Module, layers: list[nn.Module] | None = None) -> dict[str, int]:
+    """Bring every LoRA layer's bank up to date with its adapters; returns {name: id}."""
+    tuner = peft_model.base_model
+    registry = tuner.__dict__.setdefault("_adapter_ids", AdapterIds())
+    ids = registry.sync(list(peft_model.peft_config))
+    for layer in layers if layers is not None else _walk(peft_model)[0]:
+        base = layer.base_layer  # the bank is in the compute dtype: an NF4 base's, or the weight's
+        dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
+        device = base.weight.device
+        bank = layer.__dict__.get("multi_bank")
+        stale = bank is not None and bank.lora_a.is_inference() and not torch.is_inference_mode_enabled()
+        if bank is None or stale or bank.dtype != dtype or bank.device != device:
+            bank = layer.__dict__["multi_bank"] = AdapterBank(layer.in_features, layer.out_features, dtype, device)
+        bank.reserve_ids(max(ids.values(), default=-1) + 1)
+        bank.sync({ids[n]: (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n])
+                   for n in layer.lora_A})
+    return ids
+
+
+@contextlib.contextmanager
+def mixed_batch(peft_model: nn.Module, adapter_names: Any, num_beams: Any = None) -> Iterator[MixedBatch]:
+    """Run the block with row i of every batch on adapter `adapter_names[i]` (``"__base__"``: none).
+
+    PEFT's contract: its errors (wrong type, training mode, unknown names, merged adapters, DoRA),
+    and with ``num_beams > 1`` each name repeated num_beams times (generate's beam expansion).
+    The block runs without autograd (mixed batches are inference only)."""
+    walk = _walk(peft_model)
+    names = check_mixed_batch(peft_model, adapter_names, walk)
+    if isinstance(num_beams, int) and num_beams > 1:
+        names = [n for n in names for _ in range(num_beams)]
+    layers = walk[0]
+    ids = sync_banks(peft_model, layers)
+    batch = MixedBatch(names, [-1 if n == BASE else ids[n] for n in names])
+    for layer in layers:
+        layer.mixed_batch = batch
+    try:
+        with torch.no_grad():
+            yield batch
+    finally:
+        for layer in layers:
+            layer.mixed_batch = None

@@ -78,21 +78,43 @@ def is_target(config: Any, key: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def all_linear_names(model: nn.Module, task_type: str | None) -> set[str]:
-    """Names that "all-linear" stands for: every linear layer except the model's output head."""
-    names = {name for name, module in model.named_modules() if is_linear(module)}
+def walk(model: nn.Module, skip: tuple[type, ...] = ()):
+    """`model.named_modules()`, except that modules of the `skip` types are yielded but not
+    entered: an adapter layer's own lora_A / lora_B / base_layer are never targets, and walking
+    one submodule per loaded adapter would make every load slower than the one before."""
+    stack, seen = [("", model)], set()
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:  # a module shared in two places is yielded once, as named_modules does
+            continue
+        seen.add(id(module))
+        yield name, module
+        if name and isinstance(module, skip):
+            continue
+        children = [(f"{name}.{child}" if name else child, sub) for child, sub in module.named_children()]
+        stack.extend(reversed(children))
+
+
+def all_linear_names(model: nn.Module, task_type: str | None, skip: tuple[type, ...] = ()) -> set[str]:
+    """Names that "all-linear" stands for: every linear layer (adapter layers over one included,
+    as in PEFT) except the model's output head."""
+    names = {
+        name
+        for name, module in walk(model, skip)
+        if is_linear(module) or (isinstance(module, skip) and is_linear(getattr(module, "base_layer", None)))
+    }
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None and task_type == "SEQ_CLS":
         head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if hasattr(model, n)), None)
     if head is not None:
-        names -= {name for name, module in model.named_modules() if module is head}
+        names -= {name for name, module in walk(model, skip) if module is head}
     return names
 
 
-def resolve_target_modules(model: nn.Module, config: Any) -> None:
+def resolve_target_modules(model: nn.Module, config: Any, skip: tuple[type, ...] = ()) -> None:
     """Expand "all-linear" in place to the concrete module names (PEFT does the same)."""
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
-        config.target_modules = all_linear_names(model, config.task_type)
+        config.target_modules = all_linear_names(model, config.task_type, skip)
 
 
 def find_targets(model: nn.Module, config: Any, skip: tuple[type, ...] = ()) -> list[str]:
@@ -100,23 +122,16 @@ def find_targets(model: nn.Module, config: Any, skip: tuple[type, ...] = ()) -> 
 
     Modules inside layers of type `skip` (existing adapter layers' own lora_A, ...) never match.
     """
-    resolve_target_modules(model, config)
-    inner = {
-        f"{prefix}.{sub}"
-        for prefix, module in model.named_modules()
-        if isinstance(module, skip)
-        for sub, _ in module.named_modules()
-        if sub
-    }
-    keys = [name for name, _ in model.named_modules() if name and name not in inner and is_target(config, name)]
+    resolve_target_modules(model, config, skip)
+    names = [name for name, _ in walk(model, skip) if name]
+    keys = [name for name in names if is_target(config, name)]
     if not keys:
-        candidates = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_linear(m)})
+        candidates = sorted({name.rsplit(".", 1)[-1] for name, m in walk(model, skip) if is_linear(m)})
         raise ValueError(
             f"Target modules {_show(config.target_modules)} not found in the base model. "
             f"Linear layers it has: {candidates}"
         )
     if not isinstance(config.target_modules, str):
-        names = [name for name, _ in model.named_modules()]
         unmatched = [t for t in config.target_modules if not any(k == t or k.endswith(f".{t}") for k in names)]
         if unmatched:
             warnings.warn(f"target_modules {sorted(unmatched)} matched no module (PEFT ignores them too)", stacklevel=3)

@@ -163,13 +163,16 @@ class BaseTuner(nn.Module):
         raise NotImplementedError
 
     # -- injection -----------------------------------------------------------------------------
+    def _walk(self):
+        return inject.walk(self.model, (self.layer_cls, ModulesToSaveWrapper))
+
     def adapter_layers(self):
-        for name, module in self.model.named_modules():
+        for name, module in self._walk():
             if isinstance(module, self.layer_cls):
                 yield name, module
 
     def wrappers(self):
-        for name, module in self.model.named_modules():
+        for name, module in self._walk():
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
 
@@ -191,14 +194,7 @@ class BaseTuner(nn.Module):
     def save_targets(self, config: Any) -> list[str]:
         """Names of the modules that `config.modules_to_save` copies (PEFT's suffix rule)."""
         names = getattr(config, "modules_to_save", None) or []
-        inner = {
-            f"{prefix}.{sub}"
-            for prefix, module in self.model.named_modules()
-            if isinstance(module, (self.layer_cls, ModulesToSaveWrapper))
-            for sub, _ in module.named_modules()
-            if sub
-        }
-        return [key for key, _ in self.model.named_modules() if key not in inner and any(key.endswith(n) for n in names)]
+        return [key for key, _ in self._walk() if any(key.endswith(n) for n in names)]
 
     def expected_state_shapes(self, adapter_name: str, config: Any) -> dict[str, tuple[int, ...]]:
         """Checkpoint keys (PEFT format, adapter name stripped) and shapes that `config` produces."""

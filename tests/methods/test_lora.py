@@ -200,3 +200,14 @@ def test_sequence_classification_saves_the_head_like_peft(make_model, tmp_path):
     assert load_file(tmp_path / "ours/adapter_model.safetensors").keys() == load_file(
         tmp_path / "theirs/adapter_model.safetensors"
     ).keys()
+
+
+def test_second_all_linear_adapter_targets_the_wrapped_layers_like_peft(make_model):
+    kwargs = dict(r=4, target_modules=["q_proj", "v_proj"])
+    ours = fastpeft.get_peft_model(make_model("llama"), fastpeft.LoraConfig(**kwargs))
+    theirs = peft_model(make_model("llama"), **kwargs)
+    ours.add_adapter("b", fastpeft.LoraConfig(r=2, target_modules="all-linear"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.add_adapter("b", peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}

@@ -9,6 +9,7 @@ from fastpeft.methods.adapter import AdapterConfig, BottleneckModel
 from fastpeft.methods.bitfit import BitFitConfig, BitFitModel
 from fastpeft.methods.ia3 import IA3Config, IA3Model
 from fastpeft.methods.lora import LoraConfig, LoraModel
+from fastpeft.methods.mam import MAMConfig, MAMModel
 from fastpeft.methods.prefix import PrefixEncoder, PrefixTuningConfig
 from fastpeft.methods.prompt import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from fastpeft.methods.ptuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
@@ -48,3 +49,4 @@ __all__ = [
 ]
 __all__ += ["Linear4bit", "NF4Config", "quantize_model"]  # QLoRA base weights (fastpeft.quant)
 __all__ += ["AdapterConfig", "BitFitConfig", "BitFitModel", "BottleneckModel", "IA3Config", "IA3Model"]  # the adapter family (issue 6)
+__all__ += ["MAMConfig", "MAMModel"]  # MAM Adapter: prefix + parallel adapter (issue 6)

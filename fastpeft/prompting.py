@@ -43,7 +43,9 @@ from fastpeft.model import (
     _accept_noop,
 )
 
-PREFIX_TYPES = ("PREFIX_TUNING",)
+PREFIX_TYPES = ("PREFIX_TUNING", "MAM")  # MAM (fastpeft/methods/mam.py) carries a prefix too
+# Prompt methods with a model class of their own: peft_type -> task_type -> class (MAM registers here).
+PROMPT_MODELS: dict[str, dict[str, type]] = {}
 
 
 # -- the config, completed from the model's (PEFT's _prepare_prompt_learning_config) -------------
@@ -138,6 +140,9 @@ class PromptLearningModel(PeftModel):
             raise ValueError(f"adapter names are non-empty strings without '.', got {adapter_name!r}")
         if not peft_config.is_prompt_learning:
             raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a model holding prompt learning adapters")
+        own = PROMPT_MODELS.get(peft_config.peft_type, {}).get(peft_config.task_type)
+        if own is not None and not isinstance(self, own):
+            raise ValueError(f"a {peft_config.peft_type} adapter needs its own model class: use get_peft_model")
         prepare_config(peft_config, self.base_model)
         if peft_config.task_type == "SEQ_CLS":  # PEFT names both heads, whichever the model has
             peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(SEQ_CLS_HEADS))
@@ -196,6 +201,14 @@ class PromptLearningModel(PeftModel):
         for name, module in self.base_model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
+
+    @classmethod
+    def _extra_state_shapes(cls, model: nn.Module, config: PromptLearningConfig) -> dict[str, tuple[int, ...]]:
+        """Checkpoint keys beyond the prompt and modules_to_save (MAM's adapters): none here."""
+        return {}
+
+    def _load_extra_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        """Copy the keys `_extra_state_shapes` named (checked already): none here."""
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -426,6 +439,7 @@ def _read_checked(model: nn.Module, directory, config: PromptLearningConfig, is_
         source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         for name, tensor in source.state_dict().items():
             expected[f"{checkpoint.PROMPT_PREFIX}{key}.{name}"] = tuple(tensor.shape)
+    expected.update(_model_class(probe)._extra_state_shapes(model, probe))
     state = checkpoint.read_adapter(directory)
     checkpoint.check_fits(state, expected, repr(os.fspath(directory)), prefix="")
     return state
@@ -439,6 +453,7 @@ def _load_state(peft_model: PromptLearningModel, adapter_name: str, state: dict[
                 prefix = f"{checkpoint.PROMPT_PREFIX}{key}."
                 sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                 wrapper.modules_to_save[adapter_name].load_state_dict(sub, strict=True)
+    peft_model._load_extra_state(adapter_name, state)
 
 
 def from_pretrained(model: nn.Module, directory, config: PromptLearningConfig, adapter_name: str, is_trainable: bool):
@@ -474,4 +489,8 @@ def get_prompt_model(model: nn.Module, config: PromptLearningConfig, adapter_nam
         raise NotImplementedError(
             f"prompt learning with task_type={config.task_type!r}: fastpeft implements {sorted(TASK_MODELS)}"
         )
-    return TASK_MODELS[config.task_type](model, config, adapter_name)
+    return _model_class(config)(model, config, adapter_name)
+
+
+def _model_class(config: PromptLearningConfig) -> type[PromptLearningModel]:
+    return PROMPT_MODELS.get(config.peft_type, TASK_MODELS)[config.task_type]

@@ -23,4 +23,5 @@ PROMPT_ENCODERS: dict[str, type[nn.Module]] = {
     "PROMPT_TUNING": PromptEmbedding,
     "P_TUNING": PromptEncoder,
     "PREFIX_TUNING": PrefixEncoder,
+    "MAM": PrefixEncoder,  # MAM's prefix part (fastpeft/methods/mam.py)
 }

@@ -1,0 +1,223 @@
+"""MAM Adapter (no PEFT oracle: PEFT lacks it). Its two parts are fastpeft's Prefix Tuning (checked
+against real peft in test_prefix_tuning.py) and parallel bottleneck adapter (test_adapter.py);
+here: the composition. Placement, identity-but-for-the-prefix at init (exact), training touches
+only the prefix and the adapters, bit-exact save/load in the documented layout, generate, the
+adapter lifecycle, and the errors the issue asks for."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastpeft
+from fastpeft.methods.adapter import BottleneckAdapterLayer
+
+ARCHS = ["llama", "gpt2"]
+FFN = {"llama": "model.layers.{}.mlp", "gpt2": "transformer.h.{}.mlp"}
+
+
+def mam(make_model, arch, **kwargs):
+    config = fastpeft.MAMConfig(**{"task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "reduction_factor": 4, **kwargs})
+    return fastpeft.get_peft_model(make_model(arch), config).eval()
+
+
+def perturb(model, seed=0):
+    """Random values in every trainable tensor (a zero up-projection would hide the adapter)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_placement_and_trainable_parameters(arch, make_model):
+    model = mam(make_model, arch, scaling=2.5)
+    layers = dict(model.bottleneck.adapter_layers())
+    assert set(layers) == {FFN[arch].format(i) for i in range(2)}
+    assert all(isinstance(m, BottleneckAdapterLayer) and m.mode == "parallel" for m in layers.values())
+    assert {m.scaling["default"] for m in layers.values()} == {2.5}
+    assert layers[FFN[arch].format(0)].adapter_down["default"].weight.shape == (8, 32)  # 32 // 4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter = {f"base_model.{FFN[arch].format(i)}.adapter_{w}.default.{t}" for i in range(2)
+               for w in ("down", "up") for t in ("weight", "bias")}
+    assert trainable == adapter | {"prompt_encoder.default.embedding.weight"}
+    assert fastpeft.MAMConfig(num_virtual_tokens=2).scaling == 4.0  # He et al.'s parallel adapter scaling
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_at_init_only_the_prefix_acts(arch, make_model, pl_inputs):
+    """Exact: a fresh MAM model == Prefix Tuning with the same prefix (the adapter adds exactly 0),
+    and once the adapter is non-zero the two differ."""
+    inputs = pl_inputs(arch)
+    model = mam(make_model, arch, prefix_projection=True)
+    prefix = fastpeft.get_peft_model(
+        make_model(arch), fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True)
+    ).eval()
+    prefix.prompt_encoder.load_state_dict(model.prompt_encoder.state_dict())
+    assert torch.equal(logits(model, inputs), logits(prefix, inputs))
+    assert not torch.equal(logits(prefix, inputs), logits(make_model(arch), inputs))  # the prefix does act
+    with torch.no_grad():
+        for _, layer in model.bottleneck.adapter_layers():
+            bias = layer.adapter_up["default"].bias  # not constant: LayerNorm would remove a constant shift
+            bias.copy_(torch.linspace(-0.5, 0.5, bias.numel()))
+    assert (logits(model, inputs) - logits(prefix, inputs)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_reduces_the_loss_and_changes_only_prefix_and_adapters(arch, make_model, pl_inputs):
+    model = mam(make_model, arch).train()
+    inputs = pl_inputs(arch, pad=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=3e-2)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        graded = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert graded == {n for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("prompt_encoder.default.") or ".adapter_" in n for n in changed)
+    assert any(".adapter_down." in n for n in changed) and any(".adapter_up." in n for n in changed)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_is_bit_exact(arch, make_model, pl_inputs, tmp_path):
+    model = mam(make_model, arch, prefix_projection=True, non_linearity="gelu", bottleneck_size=5)
+    perturb(model)
+    inputs = pl_inputs(arch)
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path)
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    ffn = FFN[arch].format(1)
+    assert saved["prompt_embeddings"].shape == (3, 2 * 2 * model.active_peft_config.token_dim)
+    assert saved[f"base_model.{ffn}.adapter_down.weight"].shape == (5, 32)
+    assert saved[f"base_model.{ffn}.adapter_up.weight"].shape == (32, 5)
+    assert len(saved) == 1 + 2 * 4 and all(v.dtype == torch.float32 for v in saved.values())
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MAM" and config["bottleneck_size"] == 5 and config["inference_mode"] is True
+
+    loaded = fastpeft.PeftModel.from_pretrained(make_model(arch), tmp_path)
+    assert isinstance(loaded, fastpeft.MAMModel) and not any(p.requires_grad for p in loaded.parameters())
+    assert torch.equal(logits(loaded, inputs), expected)
+    again = loaded._adapter_state_dict("default")
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
+
+    model.load_adapter(tmp_path, adapter_name="copy")  # a second adapter, switched to by name
+    model.set_adapter("copy")
+    assert torch.equal(logits(model, inputs), expected)
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_with_the_model_unchanged(make_model, tmp_path):
+    mam(make_model, "llama", bottleneck_size=5).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "bottleneck_size": 6}))
+    base = make_model("llama")
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match="shape mismatches .*adapter_down.weight: checkpoint \\(5, 32\\) vs model \\(6, 32\\)"):
+        fastpeft.PeftModel.from_pretrained(base, tmp_path)
+    assert base.state_dict().keys() == state.keys() and all(torch.equal(base.state_dict()[k], v) for k, v in state.items())
+    model = mam(make_model, "llama")
+    with pytest.raises(ValueError, match="does not fit"):
+        model.load_adapter(tmp_path, adapter_name="bad")
+    assert list(model.peft_config) == ["default"] and all(m.adapters == ["default"] for _, m in model.bottleneck.adapter_layers())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_greedy_by_forward):
+    """First and later steps: the prefix sits in the cache once, the adapters run at every step."""
+    model = mam(make_model, arch)
+    perturb(model)
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+    expected, step_logits = pl_greedy_by_forward(model, ids, 4)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                         pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    for step, (score, ref) in enumerate(zip(out.scores, step_logits)):
+        torch.testing.assert_close(score, ref, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+
+
+def test_adapter_lifecycle(make_model, pl_inputs):
+    """Disable, switch, delete and unload act on the prefix and the adapters together."""
+    inputs = pl_inputs("llama")
+    base = logits(make_model("llama"), inputs)
+    model = mam(make_model, "llama")
+    perturb(model)
+    default = logits(model, inputs)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, inputs), base)
+    assert torch.equal(logits(model, inputs), default)
+
+    model.add_adapter("other", fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, bottleneck_size=3))
+    assert model.active_adapter == "default"
+    model.set_adapter("other")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".other." in n for n in trainable)
+    model.delete_adapter("other")
+    assert model.active_adapter == "default" and torch.equal(logits(model, inputs), default)
+
+    plain = model.unload()
+    assert not any(isinstance(m, BottleneckAdapterLayer) for m in plain.modules())
+    assert torch.equal(logits(plain, inputs), base)
+
+
+def test_errors(make_model, pl_inputs):
+    with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer, got 0"):
+        fastpeft.MAMConfig(num_virtual_tokens=0)
+    with pytest.raises(ValueError, match="MAMConfig needs its prefix part"):
+        fastpeft.MAMConfig()
+    with pytest.raises(ValueError, match="bottleneck_size must be a positive integer, got 0"):
+        fastpeft.MAMConfig(num_virtual_tokens=2, bottleneck_size=0)
+    with pytest.raises(ValueError, match="non_linearity must be one of"):
+        fastpeft.MAMConfig(num_virtual_tokens=2, non_linearity="swish")
+    base = make_model("llama")
+    with pytest.raises(ValueError, match="reduction_factor=64 leaves a zero-width bottleneck for hidden size 32"):
+        fastpeft.get_peft_model(base, fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, reduction_factor=64))
+    assert not any(isinstance(m, BottleneckAdapterLayer) for m in base.modules())
+
+    model = mam(make_model, "llama")
+    for call in (model.merge_and_unload, model.merge_adapter):
+        with pytest.raises(ValueError, match="MAM adapters cannot be merged"):
+            call()
+    with pytest.raises(NotImplementedError, match="mixed-adapter batches"):
+        model(**pl_inputs("llama"), adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="cannot add a PREFIX_TUNING adapter to a model holding MAM adapters"):
+        model.add_adapter("p", fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="reduction_factor=64 leaves a zero-width bottleneck"):
+        model.add_adapter("z", fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, reduction_factor=64))
+    assert list(model.peft_config) == ["default"] and list(model.prompt_encoder) == ["default"]
+    prefix = fastpeft.get_peft_model(make_model("llama"), fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="a MAM adapter needs its own model class"):
+        prefix.add_adapter("m", fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+
+def test_bert_classifier_trains_head_prefix_and_adapters_and_reloads(pl_base_model, pl_inputs, tmp_path):
+    """SEQ_CLS on the real MiniLM BERT: the adapter sits on BertOutput's residual input (parallel
+    to the FFN), the head is a modules_to_save copy; all three train, save and reload exactly."""
+    config = fastpeft.MAMConfig(task_type="SEQ_CLS", num_virtual_tokens=3, reduction_factor=8)
+    model = fastpeft.get_peft_model(pl_base_model("bert"), config)
+    layers = dict(model.bottleneck.adapter_layers())
+    assert len(layers) == 6 and all(m.mode == "parallel_residual" for m in layers.values())
+    inputs = pl_inputs("bert")
+    model.train()
+    model(**inputs, labels=torch.tensor([0, 2])).loss.backward()
+    graded = {n.split(".")[0] if n.startswith("prompt") else n.split(".")[-3] for n, p in model.named_parameters()
+              if p.grad is not None}
+    assert graded == {"prompt_encoder", "adapter_down", "adapter_up", "modules_to_save"}
+    perturb(model.eval())
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    loaded = fastpeft.PeftModel.from_pretrained(pl_base_model("bert"), tmp_path)
+    assert torch.equal(logits(loaded, inputs), expected)

@@ -13,6 +13,7 @@ from fastpeft.methods.mam import MAMConfig, MAMModel
 from fastpeft.methods.prefix import PrefixEncoder, PrefixTuningConfig
 from fastpeft.methods.prompt import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from fastpeft.methods.ptuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from fastpeft.methods.unipelt import UniPELTConfig, UniPELTModel
 from fastpeft.model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -50,3 +51,4 @@ __all__ = [
 __all__ += ["Linear4bit", "NF4Config", "quantize_model"]  # QLoRA base weights (fastpeft.quant)
 __all__ += ["AdapterConfig", "BitFitConfig", "BitFitModel", "BottleneckModel", "IA3Config", "IA3Model"]  # the adapter family (issue 6)
 __all__ += ["MAMConfig", "MAMModel"]  # MAM Adapter: prefix + parallel adapter (issue 6)
+__all__ += ["UniPELTConfig", "UniPELTModel"]  # UniPELT: gated LoRA + prefix + adapter (issue 6)

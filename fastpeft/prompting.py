@@ -43,7 +43,7 @@ from fastpeft.model import (
     _accept_noop,
 )
 
-PREFIX_TYPES = ("PREFIX_TUNING", "MAM")  # MAM (fastpeft/methods/mam.py) carries a prefix too
+PREFIX_TYPES = ("PREFIX_TUNING", "MAM", "UNIPELT")  # MAM and UniPELT (fastpeft/methods/) carry a prefix too
 # Prompt methods with a model class of their own: peft_type -> task_type -> class (MAM registers here).
 PROMPT_MODELS: dict[str, dict[str, type]] = {}
 

@@ -80,6 +80,8 @@ METHODS: dict[str, Method] = {
                                False, peft_has=False),
     "mam": Method(lambda lib: lib.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, reduction_factor=16),
                   False, peft_has=False),
+    "unipelt": Method(lambda lib: lib.UniPELTConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, r=8,
+                                                    reduction_factor=16), False, peft_has=False),
     "lora_mixed16": Method(
         lambda lib: lib.LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_LINEARS, init_lora_weights=False),
         False, adapters=16,

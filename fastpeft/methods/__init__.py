@@ -24,4 +24,5 @@ PROMPT_ENCODERS: dict[str, type[nn.Module]] = {
     "P_TUNING": PromptEncoder,
     "PREFIX_TUNING": PrefixEncoder,
     "MAM": PrefixEncoder,  # MAM's prefix part (fastpeft/methods/mam.py)
+    "UNIPELT": PrefixEncoder,  # UniPELT's prefix part (fastpeft/methods/unipelt.py)
 }

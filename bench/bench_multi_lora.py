@@ -4,7 +4,9 @@ The issue's CPU case: the bench's CPU Llama (fastpeft.bench.methods.load_model),
 over `--adapters` LoRA adapters (r=16 on every linear), a prefill of `--seq` tokens per row and a
 decode step; wall clock, median of `--repeat` runs after a warm-up, one torch thread.
 
-    python bench/bench_multi_lora.py [--rows 64 --adapters 16 --seq 16 --repeat 7]
+    python bench/bench_multi_lora.py [--rows 64 --adapters 16 --seq 16 --repeat 7] [--tiny]
+
+`--tiny` runs the issue's CPU target model instead: the tiny Llama of `fastpeft bench --quick`.
 """
 from __future__ import annotations
 
@@ -48,11 +50,13 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny Llama (hidden 64) of `fastpeft bench --quick`")
     args = parser.parse_args()
     import peft
 
     torch.set_num_threads(1)
-    base = load_model(None, "cpu", quick=False)
+    base = load_model(None, "cpu", quick=args.tiny)
     names = ["default"] + [f"mix{i}" for i in range(1, args.adapters)]
     rows = [names[i % len(names)] for i in range(args.rows)]
     g = torch.Generator().manual_seed(0)
@@ -70,7 +74,8 @@ def main() -> None:
                 cache.crop(-1)
 
             results[lib.__name__] = (prefill, _median_s(step, args.repeat))
-    print(f"cpu, 1 thread: {args.rows} rows over {args.adapters} adapters (r=16, all linears), "
+    model_name = f"{'tiny' if args.tiny else 'bench'} Llama (hidden {base.config.hidden_size})"
+    print(f"cpu, 1 thread, {model_name}: {args.rows} rows over {args.adapters} adapters (r=16, all linears), "
           f"prefill of {args.seq} tokens/row and one decode step; median of {args.repeat}")
     for phase, i in (("prefill", 0), ("decode", 1)):
         ours, theirs = results["fastpeft"][i], results["peft"][i]

@@ -38,7 +38,8 @@ class AdapterBank:
 
     lora_a: [capacity, in] and lora_b: [capacity, out] in the layer's compute dtype and device;
     offsets, ranks: int32 [num_ids]; scalings: fp32 [num_ids]; a rank of 0 marks an id this
-    layer does not hold (its rows get the base layer only); max_rank: python int.
+    layer does not hold (its rows get the base layer only); max_rank: python int; version: an
+    int that every change bumps. Change a bank through its methods only.
     """
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
@@ -53,6 +54,7 @@ class AdapterBank:
         self.free: list[tuple[int, int]] = []       # (start, size) spans freed by removals
         self.spans: dict[int, tuple[int, int]] = {}  # id -> (offset, rank), host copy of the tables
         self.stamps: dict[int, tuple] = {}           # id -> what its rows were copied from
+        self.version = 0  # bumped by every change to the tables or rows (caches of them key on it)
 
     @property
     def num_ids(self) -> int:
@@ -68,6 +70,7 @@ class AdapterBank:
             self.offsets = torch.cat([self.offsets, self.offsets.new_zeros(grow)])
             self.ranks = torch.cat([self.ranks, self.ranks.new_zeros(grow)])
             self.scalings = torch.cat([self.scalings, self.scalings.new_zeros(grow)])
+            self.version += 1
 
     def _allocate(self, rank: int) -> int:
         """First freed span that fits, else the end (the buffers double when full)."""
@@ -113,6 +116,7 @@ class AdapterBank:
         self.free.append((offset, r))
         self.ranks[adapter_id] = 0
         self.scalings[adapter_id] = 0.0
+        self.version += 1
 
     def _check(self, adapter_id: int, lora_A: Tensor, lora_B: Tensor) -> int:
         if not isinstance(adapter_id, int) or adapter_id < 0:
@@ -130,6 +134,7 @@ class AdapterBank:
             self.lora_b[offset : offset + r].copy_(lora_B.t())
         self.scalings[adapter_id] = float(scaling)
         self.stamps[adapter_id] = stamp
+        self.version += 1
 
     def sync(self, adapters: dict[int, tuple[Tensor, Tensor, float]]) -> None:
         """Make the bank hold exactly `adapters` ({id: (lora_A, lora_B, scaling)}): ids gone are
@@ -137,14 +142,17 @@ class AdapterBank:
         version counter, rank, scaling) changed."""
         for adapter_id in [i for i in self.spans if i not in adapters]:
             self.remove(adapter_id)
+        stamps = self.stamps
         for adapter_id, (a, b, scaling) in adapters.items():
             # inference tensors (made under torch.inference_mode) have no version counter: no stamp,
             # so they are re-copied on every sync
             stamp = None if a.is_inference() or b.is_inference() else (
                 a.data_ptr(), a._version, b.data_ptr(), b._version, a.shape[0], float(scaling))
+            if stamp is not None and stamps.get(adapter_id) == stamp:
+                continue  # the common case: unchanged since the last sync
             if adapter_id not in self.spans:
                 self.add(adapter_id, a, b, scaling, stamp)
-            elif stamp is None or self.stamps.get(adapter_id) != stamp:
+            else:
                 if self.spans[adapter_id][1] != a.shape[0]:
                     self.remove(adapter_id)
                     self.add(adapter_id, a, b, scaling, stamp)
@@ -230,9 +238,17 @@ def _walk(peft_model: nn.Module) -> tuple[list[nn.Module], bool]:
     from fastpeft.methods.base import ModulesToSaveWrapper
     from fastpeft.methods.lora import LoraLinear
 
-    modules = list(peft_model.base_model.model.modules())
-    return ([m for m in modules if isinstance(m, LoraLinear)],
-            any(isinstance(m, ModulesToSaveWrapper) for m in modules))
+    # not nn.Module.modules(): every call of a mixed forward walks the model, and a LoRA layer
+    # holds ~3 submodules per adapter that can hold neither kind, so the walk stops at it
+    layers, wrapped, stack = [], False, [peft_model.base_model.model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, LoraLinear):
+            layers.append(module)
+            continue
+        wrapped = wrapped or isinstance(module, ModulesToSaveWrapper)
+        stack.extend(reversed(module._modules.values()))
+    return layers, wrapped
 
 
 def check_mixed_batch(peft_model: nn.Module, adapter_names: Any, walk=None) -> list[str]:
@@ -281,8 +297,10 @@ def sync_banks(peft_model: nn.Module, layers: list[nn.Module] | None = None) -> 
         if bank is None or stale or bank.dtype != dtype or bank.device != device:
             bank = layer.__dict__["multi_bank"] = AdapterBank(layer.in_features, layer.out_features, dtype, device)
         bank.reserve_ids(max(ids.values(), default=-1) + 1)
-        bank.sync({ids[n]: (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n])
-                   for n in layer.lora_A})
+        # every mixed call checks every adapter of every layer: the lookups skip nn.Module.__getattr__
+        lora_A, lora_B, scaling = layer.lora_A._modules, layer.lora_B._modules, layer.scaling
+        bank.sync({ids[n]: (lora_A[n]._parameters["weight"], lora_B[n]._parameters["weight"], scaling[n])
+                   for n in lora_A})
     return ids
 
 

@@ -649,7 +649,7 @@ def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | 
 
 # -- multi-adapter LoRA (mixed-adapter batches) -----------------------------------------------
 # A bank (fastpeft.multi.AdapterBank, read here by its fields: lora_a [R, K], lora_b [R, N],
-# offsets/ranks int32 [I], scalings fp32 [I], max_rank) and the batch metadata
+# offsets/ranks int32 [I], scalings fp32 [I], max_rank, version) and the batch metadata
 # (fastpeft.multi.TokenGroups: token_ids, perm, seg_start, seg_adapter, num_segments, max_segment).
 __all__ += ["multi_lora_linear"]
 
@@ -662,6 +662,18 @@ def _multi_kernels(backend: str):
 
         return multi_lora
     return reference
+
+
+def _bank_tables(bank) -> tuple[int, tuple[Tensor, Tensor]]:
+    """The bank's max rank and `reference.multi_lora_tables`, cached on the bank until its
+    `version` changes: per call they would cost ~10 small ops per layer."""
+    cached = bank.__dict__.get("_reference_tables")
+    if cached is None or cached[0] != bank.version:
+        max_rank = max(1, bank.max_rank)
+        cached = (bank.version, max_rank,
+                  reference.multi_lora_tables(bank.offsets, bank.ranks, bank.scalings, max_rank))
+        bank.__dict__["_reference_tables"] = cached
+    return cached[1], cached[2]
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, token_adapter_ids, *,
@@ -734,10 +746,21 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, toke
         raise ValueError(f"multi_lora_linear: adapter id {groups.max_id} out of range [-1, {bank.num_ids}) "
                          f"of the bank")
     kernels = _multi_kernels(which)
+    grouped = not (path == "gathered" or (path is None and M < 16 * groups.num_segments))
+    if kernels is reference:
+        max_rank, tables = _bank_tables(bank)
+        extra = {"tables": tables}
+        if grouped and M and groups.num_segments and groups.max_segment:  # per batch: cached on it
+            slots = groups.__dict__.get("_reference_slots")
+            if slots is None:
+                slots = groups.__dict__["_reference_slots"] = reference.multi_lora_segment_slots(
+                    groups.perm, groups.seg_start, groups.num_segments, groups.max_segment)
+            extra["slots"] = slots
+    else:
+        max_rank, extra = max(1, bank.max_rank), {"nf4": nf4_args} if nf4_args else {}
     common = (x2d, None if nf4_args else weight, bias, bank.lora_a, bank.lora_b, bank.offsets, bank.ranks,
-              bank.scalings, max(1, bank.max_rank))
-    extra = {"nf4": nf4_args} if nf4_args else {}
-    if path == "gathered" or (path is None and M < 16 * groups.num_segments):
+              bank.scalings, max_rank)
+    if not grouped:
         y = kernels.multi_lora_gathered_fwd(*common, groups.token_ids, **extra)
     else:
         y = kernels.multi_lora_grouped_fwd(*common, groups.perm, groups.seg_start, groups.seg_adapter,

@@ -273,64 +273,97 @@ def nf4_linear_bwd_dx(dy2d: Tensor, packed: Tensor, absmax: Tensor, shape: tuple
 # Python loop per adapter. Gathered rows past an adapter's rank are masked out of the [*, rank]
 # product, not out of the stacks (that costs a pass over them), so rows of lora_b that belong to
 # no adapter must be finite (fastpeft.multi.AdapterBank keeps them zero or a freed adapter's).
-__all__ += ["multi_lora_grouped_fwd", "multi_lora_gathered_fwd"]
+__all__ += ["multi_lora_tables", "multi_lora_segment_slots", "multi_lora_grouped_fwd", "multi_lora_gathered_fwd"]
 
 
-def _bank_factors(lora_a: Tensor, lora_b: Tensor, offsets: Tensor, ranks: Tensor, scalings: Tensor,
-                  ids: Tensor, max_rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def multi_lora_tables(offsets: Tensor, ranks: Tensor, scalings: Tensor,
+                      max_rank: int) -> tuple[Tensor, Tensor]:
+    """What the references gather per segment or token, per adapter id shifted by one (row 0 is
+    id -1, the base): the bank rows of its rank slots, long [I + 1, max_rank] (0 past the rank),
+    and their coefficients, fp32 [I + 1, max_rank] (the scale up to the rank, 0 past it). A
+    function of the bank alone, so fastpeft.ops computes it once per bank change, not per call."""
+    r = torch.arange(max_rank, device=offsets.device)
+    valid = r < ranks.long()[:, None]
+    rows = torch.where(valid, offsets.long()[:, None] + r, 0)
+    coef = valid * scalings.float()[:, None]
+    return F.pad(rows, (0, 0, 1, 0)), F.pad(coef, (0, 0, 1, 0))
+
+
+def _bank_factors(lora_a: Tensor, lora_b: Tensor, ids: Tensor,
+                  tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """For the adapter ids `ids` [G] (-1: none): fp32 A stacks [G, max_rank, K] and B^T stacks
-    [G, max_rank, N] (rows past each rank unmasked), the rank mask [G, max_rank] (False past the
-    rank and for -1) and the scales [G]."""
-    has = ids >= 0
-    slot = ids.clamp(min=0).long()
-    r = torch.arange(max_rank, device=ids.device)
-    valid = has[:, None] & (r[None, :] < ranks[slot][:, None])
-    rows = (offsets[slot].long()[:, None] + r).masked_fill_(~valid, 0).flatten()
-    G = ids.shape[0]
-    a = lora_a.index_select(0, rows).view(G, max_rank, -1).float()
-    b = lora_b.index_select(0, rows).view(G, max_rank, -1).float()
-    return a, b, valid, scalings[slot].float().masked_fill_(~has, 0.0)
+    [G, max_rank, N] (rows past each rank unmasked) and the coefficients [G, max_rank] (one
+    multiply masks and scales), gathered through `multi_lora_tables`."""
+    slot = ids + 1
+    rows = tables[0].index_select(0, slot)
+    G, R = rows.shape
+    a = lora_a.index_select(0, rows.flatten()).view(G, R, -1).float()
+    b = lora_b.index_select(0, rows.flatten()).view(G, R, -1).float()
+    return a, b, tables[1].index_select(0, slot)
+
+
+def multi_lora_segment_slots(perm: Tensor, seg_start: Tensor, num_segments: int,
+                             max_segment: int) -> tuple[Tensor, Tensor]:
+    """The [S * max_segment] slots of the grouped reference's padded segment stacks, as token
+    indices, long: where each slot reads x (a padding slot reads a real token: finite, unused)
+    and where it adds into y (a padding slot adds into row M, cut off). A function of the batch
+    alone, so fastpeft.ops computes it once per forward, not per layer. Needs S, max_segment > 0."""
+    M = perm.shape[0]
+    pos = seg_start[:num_segments].long()[:, None] + torch.arange(max_segment, device=perm.device)
+    read = perm.long().index_select(0, pos.clamp(max=M - 1).flatten())
+    write = read.masked_fill((pos >= seg_start[1 : num_segments + 1].long()[:, None]).flatten(), M)
+    return read, write
 
 
 def multi_lora_grouped_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
                            lora_b: Tensor, offsets: Tensor, ranks: Tensor, scalings: Tensor,
                            max_rank: int, perm: Tensor, seg_start: Tensor, seg_adapter: Tensor,
-                           num_segments: int, max_segment: int) -> Tensor:
+                           num_segments: int, max_segment: int, tables: tuple[Tensor, Tensor] | None = None,
+                           slots: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """y = x W^T + b + per-segment LoRA, tokens grouped by adapter (the SGMV kernel's reference).
 
     Shapes as in `fastpeft.kernels.multi_lora.multi_lora_grouped_fwd`; perm must hold every token
-    once. Each segment's tokens are gathered into a [S, max_segment, K] stack (padding rows are
-    zero), multiplied by the segment's adapter stacks with two bmm's and scattered back -> [M, N]
-    x2d.dtype. No host synchronisation.
+    once. Each segment's tokens are gathered into a [S, max_segment, K] stack, multiplied by the
+    segment's adapter stacks with two bmm's and added back -> [M, N] x2d.dtype. Padding slots of
+    short segments are not masked (a pass over the stack): they add into a spare row M of y, cut
+    off at the end. `tables` (`multi_lora_tables` of this bank) and `slots`
+    (`multi_lora_segment_slots` of this batch) are computed here when None: the kernel's
+    arguments carry no such things; the CPU path passes cached copies. No host sync.
     """
-    M = x2d.shape[0]
-    y = F.linear(x2d.float(), weight.float(), None if bias is None else bias.float())
-    if num_segments == 0 or M == 0 or max_segment == 0:
-        return y.to(x2d.dtype)
-    S = num_segments
-    starts, ends = seg_start[:S].long(), seg_start[1:S + 1].long()
-    pos = starts[:, None] + torch.arange(max_segment, device=x2d.device)
-    dead = pos >= ends[:, None]                                     # [S, L] padding
-    tok = perm.long()[pos.clamp(max=M - 1)].masked_fill_(dead, 0)
-    a, b, valid, scale = _bank_factors(lora_a, lora_b, offsets, ranks, scalings, seg_adapter[:S], max_rank)
-    xs = x2d.float()[tok]                                          # [S, L, K]
-    xa = torch.bmm(xs, a.transpose(1, 2))                          # [S, L, R]
-    keep = valid[:, None, :] & ~dead[:, :, None]
-    xa = torch.where(keep, xa, 0.0) * scale[:, None, None]
-    y.index_add_(0, tok.flatten(), torch.bmm(xa, b).flatten(0, 1))
-    return y.to(x2d.dtype)
+    M, N = x2d.shape[0], weight.shape[0]
+    xf, wf = x2d.float(), weight.float()
+    y = torch.empty(M + 1, N, dtype=torch.float32, device=x2d.device)  # row M: the padding's sink
+    if bias is None:
+        torch.mm(xf, wf.t(), out=y[:M])
+    else:
+        torch.addmm(bias.float(), xf, wf.t(), out=y[:M])
+    if num_segments > 0 and M > 0 and max_segment > 0:
+        S = num_segments
+        if slots is None:
+            slots = multi_lora_segment_slots(perm, seg_start, S, max_segment)
+        if tables is None:
+            tables = multi_lora_tables(offsets, ranks, scalings, max_rank)
+        xs = xf.index_select(0, slots[0]).view(S, max_segment, -1)     # [S, L, K] (CPU's fast gather)
+        a, b, coef = _bank_factors(lora_a, lora_b, seg_adapter[:S], tables)
+        xa = torch.bmm(xs, a.transpose(1, 2)) * coef[:, None, :]        # [S, L, R]
+        y.index_add_(0, slots[1], torch.bmm(xa, b).flatten(0, 1))
+    return y[:M].to(x2d.dtype)
 
 
 def multi_lora_gathered_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
                             lora_b: Tensor, offsets: Tensor, ranks: Tensor, scalings: Tensor,
-                            max_rank: int, token_ids: Tensor) -> Tensor:
+                            max_rank: int, token_ids: Tensor,
+                            tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """y = x W^T + b + each token's own LoRA term (the BGMV kernel's reference): the factors of
-    every token's adapter are gathered into [M, max_rank, *] stacks, then two bmm's -> [M, N]."""
-    y = F.linear(x2d.float(), weight.float(), None if bias is None else bias.float())
+    every token's adapter are gathered into [M, max_rank, *] stacks, then two bmm's -> [M, N].
+    `tables` as in `multi_lora_grouped_fwd`."""
+    xf = x2d.float()
+    y = F.linear(xf, weight.float(), None if bias is None else bias.float())
     if x2d.shape[0] == 0:
         return y.to(x2d.dtype)
-    a, b, valid, scale = _bank_factors(lora_a, lora_b, offsets, ranks, scalings, token_ids, max_rank)
-    xa = torch.bmm(a, x2d.float()[:, :, None])[:, :, 0]           # [M, R]
-    xa = torch.where(valid, xa, 0.0) * scale[:, None]
-    y += torch.bmm(xa[:, None, :], b)[:, 0]
+    if tables is None:
+        tables = multi_lora_tables(offsets, ranks, scalings, max_rank)
+    a, b, coef = _bank_factors(lora_a, lora_b, token_ids, tables)
+    xa = torch.bmm(a, xf[:, :, None])[:, :, 0] * coef             # [M, R]
+    y[:, None, :].baddbmm_(xa[:, None, :], b)
     return y.to(x2d.dtype)

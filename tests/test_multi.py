@@ -190,6 +190,31 @@ def test_bank_refuses_a_rank_that_differs_from_its_record():
     assert 1 not in bank.spans, "nothing half-registered"
 
 
+def test_cached_bank_tables_follow_every_bank_change():
+    """ops caches the reference's per-bank gather tables; each change must reach the next call."""
+    bank = AdapterBank(6, 5, torch.float32, "cpu")
+    x, w = torch.randn(4, 6), torch.randn(5, 6)
+    ids = torch.tensor([0, 1, -1, 1])
+
+    def check():
+        got = fastpeft.ops.multi_lora_linear(x, w, None, bank, ids, backend="torch")
+        want = fastpeft.kernels.reference.multi_lora_gathered_fwd(  # tables computed afresh
+            x, w, None, bank.lora_a, bank.lora_b, bank.offsets, bank.ranks, bank.scalings, bank.max_rank,
+            ids)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+    bank.add(0, torch.randn(2, 6), torch.randn(5, 2), 1.5)
+    bank.add(1, torch.randn(3, 6), torch.randn(5, 3), 0.5)
+    check()
+    bank.update(1, torch.randn(3, 6), torch.randn(5, 3), 4.0)  # new scale
+    check()
+    bank.remove(1)
+    bank.add(1, torch.randn(5, 6), torch.randn(5, 5), 2.0)  # new rank and rows
+    check()
+    bank.add(7, torch.randn(2, 6), torch.randn(5, 2), 1.0)  # the id tables grow
+    check()
+
+
 def test_ops_multi_lora_linear_with_token_ids_and_bad_ids():
     bank = AdapterBank(6, 5, torch.float32, "cpu")
     bank.add(0, torch.randn(2, 6), torch.randn(5, 2), 1.5)

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import inspect
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -482,6 +483,18 @@ TASK_MODELS = {
     "SEQ_CLS": PromptModelForSequenceClassification,
     "FEATURE_EXTRACTION": PromptModelForFeatureExtraction,
 }
+
+
+def register_task_models(peft_type: str, model_cls: type[PromptLearningModel]) -> None:
+    """Give a prompt-learning model class that adds parts (MAM, UniPELT) one subclass per task,
+    `<model_cls>For<Task>` mixing it with the task's prompt model, and register them for `peft_type`."""
+    stem, module = model_cls.__name__.removesuffix("Model"), sys.modules[model_cls.__module__]
+    PROMPT_MODELS[peft_type] = {}
+    for task, base in TASK_MODELS.items():
+        name = f"{stem}ModelFor{base.__name__.split('For', 1)[1]}"
+        cls = type(name, (model_cls, base), {"__doc__": base.__doc__, "__module__": module.__name__})
+        setattr(module, name, cls)  # importable by name, so pickling a model finds its class
+        PROMPT_MODELS[peft_type][task] = cls
 
 
 def get_prompt_model(model: nn.Module, config: PromptLearningConfig, adapter_name: str = "default") -> PromptLearningModel:

@@ -181,20 +181,4 @@ def _refuse_mixed(adapter_names: list[str] | None) -> None:
         raise NotImplementedError("mixed-adapter batches (adapter_names=) with MAM adapters: set_adapter instead")
 
 
-class MAMModelForCausalLM(MAMModel, prompting.PromptModelForCausalLM):
-    """CAUSAL_LM: labels are extended with -100 over the virtual tokens."""
-
-
-class MAMModelForSequenceClassification(MAMModel, prompting.PromptModelForSequenceClassification):
-    """SEQ_CLS: the classifier head is trained and saved in full (modules_to_save)."""
-
-
-class MAMModelForFeatureExtraction(MAMModel, prompting.PromptModelForFeatureExtraction):
-    """FEATURE_EXTRACTION: the hidden states include the virtual tokens."""
-
-
-prompting.PROMPT_MODELS["MAM"] = {
-    "CAUSAL_LM": MAMModelForCausalLM,
-    "SEQ_CLS": MAMModelForSequenceClassification,
-    "FEATURE_EXTRACTION": MAMModelForFeatureExtraction,
-}
+prompting.register_task_models("MAM", MAMModel)

@@ -356,20 +356,4 @@ def _refuse_mixed(adapter_names: list[str] | None) -> None:
         raise NotImplementedError("mixed-adapter batches (adapter_names=) with UniPELT adapters: set_adapter instead")
 
 
-class UniPELTModelForCausalLM(UniPELTModel, prompting.PromptModelForCausalLM):
-    """CAUSAL_LM: labels are extended with -100 over the virtual tokens."""
-
-
-class UniPELTModelForSequenceClassification(UniPELTModel, prompting.PromptModelForSequenceClassification):
-    """SEQ_CLS: the classifier head is trained and saved in full (modules_to_save)."""
-
-
-class UniPELTModelForFeatureExtraction(UniPELTModel, prompting.PromptModelForFeatureExtraction):
-    """FEATURE_EXTRACTION: the hidden states include the virtual tokens."""
-
-
-prompting.PROMPT_MODELS["UNIPELT"] = {
-    "CAUSAL_LM": UniPELTModelForCausalLM,
-    "SEQ_CLS": UniPELTModelForSequenceClassification,
-    "FEATURE_EXTRACTION": UniPELTModelForFeatureExtraction,
-}
+prompting.register_task_models("UNIPELT", UniPELTModel)

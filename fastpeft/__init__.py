@@ -29,8 +29,18 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLoraConfig",
     "AdaLoraModel",
+    "AdapterConfig",
+    "BitFitConfig",
+    "BitFitModel",
+    "BottleneckModel",
+    "IA3Config",
+    "IA3Model",
+    "Linear4bit",
     "LoraConfig",
     "LoraModel",
+    "MAMConfig",
+    "MAMModel",
+    "NF4Config",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -46,9 +56,8 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "UniPELTConfig",
+    "UniPELTModel",
     "get_peft_model",
+    "quantize_model",
 ]
-__all__ += ["Linear4bit", "NF4Config", "quantize_model"]  # QLoRA base weights (fastpeft.quant)
-__all__ += ["AdapterConfig", "BitFitConfig", "BitFitModel", "BottleneckModel", "IA3Config", "IA3Model"]  # the adapter family (issue 6)
-__all__ += ["MAMConfig", "MAMModel"]  # MAM Adapter: prefix + parallel adapter (issue 6)
-__all__ += ["UniPELTConfig", "UniPELTModel"]  # UniPELT: gated LoRA + prefix + adapter (issue 6)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -58,16 +58,11 @@ PATHS: dict[str, dict[str, str]] = {
 ROLES = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",), "parallel": ("parallel",)}
 
 
-@register_config
 @dataclass
-class AdapterConfig(PeftConfig):
-    """A bottleneck adapter (fastpeft's own format: PEFT has no such method)."""
+class BottleneckFields:
+    """A bottleneck adapter's own fields, shared by `AdapterConfig` and the hybrids that carry one
+    (MAM, UniPELT), so each field and its meaning are stated once."""
 
-    PEFT_TYPE: ClassVar[str] = "BOTTLENECK"
-
-    variant: Literal["houlsby", "pfeiffer", "parallel"] = field(
-        default="pfeiffer", metadata={"help": "houlsby (after attention and FFN), pfeiffer (after FFN), parallel (beside FFN)."}
-    )
     reduction_factor: int = field(default=16, metadata={"help": "Bottleneck width = hidden size // reduction_factor."})
     bottleneck_size: int | None = field(default=None, metadata={"help": "Bottleneck width; overrides reduction_factor."})
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = field(default="relu", metadata={"help": "Bottleneck activation."})
@@ -75,6 +70,23 @@ class AdapterConfig(PeftConfig):
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input (training only)."})
     init_adapter_weights: bool = field(
         default=True, metadata={"help": "True: up-projection zero (identity at init); False: random (tests)."}
+    )
+
+    def bottleneck(self, variant: str) -> AdapterConfig:
+        """These fields as the bottleneck tuner's config, for `variant` at its default places."""
+        own = {f.name: getattr(self, f.name) for f in fields(BottleneckFields)}
+        return AdapterConfig(variant=variant, inference_mode=self.inference_mode, **own)
+
+
+@register_config
+@dataclass
+class AdapterConfig(PeftConfig, BottleneckFields):
+    """A bottleneck adapter (fastpeft's own format: PEFT has no such method)."""
+
+    PEFT_TYPE: ClassVar[str] = "BOTTLENECK"
+
+    variant: Literal["houlsby", "pfeiffer", "parallel"] = field(
+        default="pfeiffer", metadata={"help": "houlsby (after attention and FFN), pfeiffer (after FFN), parallel (beside FFN)."}
     )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Regexes of the modules to wrap; None: the variant's places per architecture."}

@@ -32,32 +32,25 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from fastpeft import checkpoint, prompting
 from fastpeft.config import PeftConfig, register_config
-from fastpeft.methods.adapter import AdapterConfig, BottleneckModel
+from fastpeft.methods.adapter import AdapterConfig, BottleneckFields, BottleneckModel
 from fastpeft.methods.prefix import PrefixTuningConfig
 
 
 @register_config
 @dataclass
-class MAMConfig(PrefixTuningConfig):
+class MAMConfig(PrefixTuningConfig, BottleneckFields):
     """Prefix tuning (the inherited fields) + a parallel bottleneck adapter at every FFN."""
 
     PEFT_TYPE: ClassVar[str] = "MAM"
 
-    reduction_factor: int = field(default=16, metadata={"help": "Adapter bottleneck = hidden size // reduction_factor."})
-    bottleneck_size: int | None = field(default=None, metadata={"help": "Adapter bottleneck width; overrides reduction_factor."})
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = field(default="relu", metadata={"help": "Adapter activation."})
     scaling: float = field(default=4.0, metadata={"help": "s in FFN(x) + s * up(act(down(x))) (He et al.: 4)."})
-    adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input (training only)."})
-    init_adapter_weights: bool = field(
-        default=True, metadata={"help": "True: adapter up-projection zero (only the prefix acts at init); False: random."}
-    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,16 +60,7 @@ class MAMConfig(PrefixTuningConfig):
 
     def adapter_config(self) -> AdapterConfig:
         """The adapter part as the bottleneck tuner's config (parallel variant, default placement)."""
-        return AdapterConfig(
-            variant="parallel",
-            reduction_factor=self.reduction_factor,
-            bottleneck_size=self.bottleneck_size,
-            non_linearity=self.non_linearity,
-            scaling=self.scaling,
-            adapter_dropout=self.adapter_dropout,
-            init_adapter_weights=self.init_adapter_weights,
-            inference_mode=self.inference_mode,
-        )
+        return self.bottleneck("parallel")
 
 
 class MAMModel(prompting.PromptLearningModel):

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ from torch import nn
 
 from fastpeft import checkpoint, prompting
 from fastpeft.config import PeftConfig, register_config
-from fastpeft.methods.adapter import AdapterConfig, BottleneckAdapterLayer, BottleneckModel
+from fastpeft.methods.adapter import AdapterConfig, BottleneckAdapterLayer, BottleneckFields, BottleneckModel
 from fastpeft.methods.lora import LoraConfig, LoraLinear, LoraModel
 from fastpeft.methods.prefix import PrefixTuningConfig
 from fastpeft.quant.nf4 import Linear4bit
@@ -76,7 +76,7 @@ PREFIX_GATE = "prefix_gate"  # checkpoint key of the per-layer prefix gate logit
 
 @register_config
 @dataclass
-class UniPELTConfig(PrefixTuningConfig):
+class UniPELTConfig(PrefixTuningConfig, BottleneckFields):
     """Prefix tuning (the inherited fields) + gated LoRA + a gated Pfeiffer adapter, one config."""
 
     PEFT_TYPE: ClassVar[str] = "UNIPELT"
@@ -88,14 +88,7 @@ class UniPELTConfig(PrefixTuningConfig):
         default=None, metadata={"help": "LoRA targets (PEFT's rules); None: the attention q/v projections."}
     )
     init_lora_weights: bool = field(default=True, metadata={"help": "True: LoRA B zero; False: random (tests)."})
-    reduction_factor: int = field(default=16, metadata={"help": "Adapter bottleneck = hidden size // reduction_factor."})
-    bottleneck_size: int | None = field(default=None, metadata={"help": "Adapter bottleneck width; overrides reduction_factor."})
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = field(default="relu", metadata={"help": "Adapter activation."})
     scaling: float = field(default=1.0, metadata={"help": "s in h + g * s * up(act(down(h)))."})
-    adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input (training only)."})
-    init_adapter_weights: bool = field(
-        default=True, metadata={"help": "True: adapter up-projection zero; False: random (tests)."}
-    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -116,11 +109,7 @@ class UniPELTConfig(PrefixTuningConfig):
 
     def adapter_config(self) -> AdapterConfig:
         """The adapter part as the bottleneck tuner's config (Pfeiffer: after the FFN only)."""
-        return AdapterConfig(
-            variant="pfeiffer", reduction_factor=self.reduction_factor, bottleneck_size=self.bottleneck_size,
-            non_linearity=self.non_linearity, scaling=self.scaling, adapter_dropout=self.adapter_dropout,
-            init_adapter_weights=self.init_adapter_weights, inference_mode=self.inference_mode,
-        )
+        return self.bottleneck("pfeiffer")
 
 
 def _gate(gates: nn.ModuleDict, name: str, x: torch.Tensor) -> torch.Tensor:

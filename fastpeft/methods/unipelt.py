@@ -14,31 +14,40 @@ composes existing pieces instead of re-implementing them; each gets its gate her
             ``g_A(h) = sigmoid(h w_A + b_A)`` per token, read from the adapter's input h (the FFN's
             output, where the adapter sits); the adapter itself is still one fused launch;
   prefix    Prefix Tuning exactly as `fastpeft.methods.prefix` (the cache handed to the model, GQA
-            layout, generate), with layer l's prefix VALUES scaled by ``g_P[l] = sigmoid(p_l)``, a
-            learned scalar per layer.
-Gates are scalars (one per token for LoRA and the adapter) in fp32, initialized as nn.Linear.
+            layout, generate), with layer l's prefix keys AND values scaled, for each query token t,
+            by ``g_P(x_t) = sigmoid(x_t w_P[l] + b_P[l])`` read from that query's attention input
+            x_t (the sub-layer's normalized input, as the LoRA gate reads it).
+Gates are scalars (one per token and layer) in fp32, initialized as nn.Linear.
 
-Deviation (the prefix gate). The paper's prefix gate is ``sigmoid(W x + b)`` of the attention
-input x, per token: it scales how much of each query's attention output comes from the prefix. That
-is a per-QUERY factor on the prefix's share of the attention output; the prefix is handed to the
-model as a cache of per-POSITION keys and values built before the forward, which cannot carry a
-factor that depends on the query without an attention hook per architecture (and through
-`generate`, on every step). Scaling the cached values by an input-dependent gate of some token
-would not be the paper's gate either. So the prefix gate here is input-independent: one learned
-scalar per layer on the prefix values (keys untouched), which scales the prefix's contribution to
-every query of that layer; the LoRA and adapter gates are the paper's, per token, and therefore
-causal (a gate averaged over the sequence, as some implementations do, would see future tokens and
-change between a full forward and cached decoding).
+The prefix gate per query. Scaling the prefix keys and values by g_t for query t means, in layer l,
+``score(t, p) = g_t * (q_t . k_p) * scaling`` for the prefix positions p, and after the softmax
+``prob(t, p)`` times g_t before it weighs v_p; the real positions are untouched. The authors' code
+(BERT) uses one gate per example, the sequence MEAN of sigmoid(W x_t + b); that mean sees future
+tokens, so in a decoder it is not causal and a full forward would differ from cached decoding. Per
+token it is causal and exact under cached decoding (each step gates its own query), and it is the
+authors' gate whenever the sequence is one token. A gate of 0 is a zero prefix (keys and values
+zero: the prefix still takes softmax mass, as in the authors' code), not an absent one.
+
+How it runs. The cache holding the prefix carries this adapter's gate (`get_prompt` tags it). While
+a UniPELT adapter is injected, each self-attention module (the one with a `layer_idx` that reads the
+cache: Llama's `self_attn`, GPT-2's `attn`, BERT's `attention.self`) has a forward pre-hook that,
+when its cache is tagged, computes g [B, T] from the module's input and leaves it on the module for
+the call, and the model's `config._attn_implementation` is ``fastpeft_unipelt_<original>``, an
+attention function registered with transformers that consumes it (`prefix_gated_attention`) and
+otherwise runs the original ("eager" or "sdpa"), which unload and the last delete restore. The gate
+thus works in forward, training and `generate` without touching the model's code.
 
 Identity at init. With the default zero-init parts (LoRA B = 0, adapter up-projection = 0) the LoRA
 and adapter branches add exactly zero whatever their gates, so a fresh UniPELT model is exactly
-Prefix Tuning with its prefix values halved (``g_P = sigmoid(0) = 1/2``); with the prefix gate
-saturated (p = +inf) it is exactly Prefix Tuning with the same prefix. Tested bit-exact.
+Prefix Tuning with each query's prefix keys and values gated by its g_t; with the prefix gate
+saturated open (w_P = 0, b_P large: g = 1) it is exactly Prefix Tuning with the same prefix. Tested
+bit-exact (against Prefix Tuning on the eager attention, the same arithmetic).
 
 Checkpoint (`adapter_config.json` + `adapter_model.safetensors`, fp32; keys as MAM's):
   ``prompt_embeddings``                        [P, num_layers * 2 * token_dim] the flat, UNGATED
                                                prefix (the encoder's output, as Prefix Tuning saves it)
-  ``prefix_gate``                              [num_layers]  the logits p_l of the prefix gates
+  ``prefix_gate.weight``                       [num_layers, H]  row l: layer l's w_P (H: hidden size)
+  ``prefix_gate.bias``                         [num_layers]     b_P per layer
   ``base_model.<proj>.lora_A.weight``          [r, in]    ``.lora_B.weight`` [out, r]
   ``base_model.<proj>.lora_gate.weight``       [1, in]    ``.lora_gate.bias`` [1]
   ``base_model.<ffn>.adapter_down.weight``     [b, H]     ``.adapter_down.bias`` [b]
@@ -47,16 +56,22 @@ Checkpoint (`adapter_config.json` + `adapter_model.safetensors`, fp32; keys as M
   ``base_model.<path>.<param>``                modules_to_save copies (e.g. a SEQ_CLS head)
 with ``<proj>`` e.g. ``model.layers.0.self_attn.q_proj`` and ``<ffn>`` the adapter's place per
 architecture (`fastpeft.methods.adapter.PATHS`, role "ffn": ``model.layers.0.mlp.down_proj``,
-``transformer.h.0.mlp.c_proj``). As every prompt-learning checkpoint, it loads frozen.
+``transformer.h.0.mlp.c_proj``). As every prompt-learning checkpoint, it loads frozen. A checkpoint
+from before the input-dependent prefix gate (one ``prefix_gate`` [num_layers] logit per layer) does
+not fit this layout and is refused, the model unchanged.
 
 Nothing merges (the gates depend on each token's input; the prefix is extra keys and values; the
 adapter has a non-linearity): merging raises. The gated LoRA term runs unfused (the fused kernel
-takes one scalar scaling, the gate is one per token). Mixed-adapter batches are refused.
+takes one scalar scaling, the gate is one per token), and so does the gated attention: it computes
+the scores explicitly, as the eager attention does (no SDPA or flash kernel while the prefix is
+gated). Mixed-adapter batches are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -71,7 +86,11 @@ from fastpeft.methods.lora import LoraConfig, LoraLinear, LoraModel
 from fastpeft.methods.prefix import PrefixTuningConfig
 from fastpeft.quant.nf4 import Linear4bit
 
-PREFIX_GATE = "prefix_gate"  # checkpoint key of the per-layer prefix gate logits
+PREFIX_GATE = "prefix_gate"  # checkpoint keys prefix_gate.weight [num_layers, H], prefix_gate.bias [num_layers]
+ATTENTION = "fastpeft_unipelt_"  # + the original implementation: the attention function registered here
+ORIGINALS = ("eager", "sdpa")  # the implementations it can stand in for (explicit masks, no BlockMask)
+CACHE_TAG = "fastpeft_prefix_gate"  # on the prefix cache: (the adapter's gate Linear, num_virtual_tokens)
+GATE_STASH = "fastpeft_prefix_gate"  # on an attention module, for one call: (g [B, T] fp32, num_virtual_tokens)
 
 
 @register_config
@@ -194,12 +213,124 @@ class GatedBottleneckModel(BottleneckModel):
         return {**shapes, "adapter_gate.weight": (1, h), "adapter_gate.bias": (1,)}
 
 
-class PrefixGate(nn.Module):
-    """One adapter's prefix gates: `weight [num_layers]`, the logits p_l (zero: g_P = 1/2 at init)."""
+# -- the prefix gate: attention with each query's prefix keys and values scaled by its gate ----------
+def prefix_gated_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    gate: torch.Tensor, num_prefix: int, scaling: float | None = None, dropout: float = 0.0,
+    training: bool = False, causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention whose first `num_prefix` key positions (the prefix) are gated per query.
 
-    def __init__(self, num_layers: int, device: torch.device):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(num_layers, device=device))
+    query [B, H, T, D]; key, value [B, Hkv, S, D] with H a multiple of Hkv (GQA), prefix first;
+    attention_mask None, bool [B|1, 1|H, T, S] (True: attend) or additive float; gate [B, T] fp32
+    -> (out [B, T, H, D] query.dtype, probs [B, H, T, S]), as transformers' eager attention. The
+    arithmetic is the eager one (scores, + mask, fp32 softmax, dropout, probs @ values) with the
+    prefix's scores and probabilities times g_t, exact no-ops at g = 1. A None mask is causal
+    (bottom-right aligned, as under a cache) when `causal`, else no mask.
+    """
+    heads, kv_heads, length = query.shape[1], key.shape[1], key.shape[2]
+    if heads % kv_heads or not 0 < num_prefix <= length or gate.shape != query.shape[:1] + query.shape[2:3]:
+        raise ValueError(f"gated prefix attention: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"gate {tuple(gate.shape)}, {num_prefix} prefix positions do not fit")
+    if heads != kv_heads:  # transformers' repeat_kv: each key-value head serves heads // kv_heads query heads
+        shape = (key.shape[0], kv_heads, heads // kv_heads, length, key.shape[-1])
+        key, value = (t[:, :, None].expand(shape).reshape(shape[0], heads, length, shape[-1]) for t in (key, value))
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    g = gate.to(query.dtype)[:, None, :, None]  # [B, 1, T, 1]
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.cat((scores[..., :num_prefix] * g, scores[..., num_prefix:]), dim=-1)
+    if attention_mask is None and causal:
+        rows = torch.arange(query.shape[2], device=query.device)[:, None] + (length - query.shape[2])
+        attention_mask = torch.arange(length, device=query.device) <= rows
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # as transformers' eager_mask
+        zero = torch.zeros((), device=scores.device, dtype=scores.dtype)
+        attention_mask = torch.where(attention_mask, zero, torch.finfo(scores.dtype).min)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.cat((probs[..., :num_prefix] * g, probs[..., num_prefix:]), dim=-1)
+    probs = F.dropout(probs, p=dropout, training=training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def _gated_attention(module: nn.Module, query, key, value, attention_mask, *args, original, **kwargs):
+    """The registered attention function: gated when the module holds a gate for this call, else the
+    implementation it stands in for (`original`; None: the module's own eager function)."""
+    stash = module.__dict__.pop(GATE_STASH, None)
+    if stash is None:
+        run = original or sys.modules[type(module).__module__].eager_attention_forward
+        return run(module, query, key, value, attention_mask, *args, **kwargs)
+    causal = kwargs.get("is_causal")
+    return prefix_gated_attention(
+        query, key, value, attention_mask, *stash, scaling=kwargs.get("scaling"), dropout=kwargs.get("dropout", 0.0),
+        training=module.training, causal=getattr(module, "is_causal", False) if causal is None else causal,
+    )
+
+
+def _register(original: str) -> str:
+    """Register (once) the gated attention standing in for `original`, with `original`'s mask builder."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = ATTENTION + original
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        run = ALL_ATTENTION_FUNCTIONS["sdpa"] if original == "sdpa" else None
+        AttentionInterface.register(name, functools.partial(_gated_attention, original=run))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
+
+
+def _stash_gate(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: when the call's cache holds a gated prefix, leave g [B, T] on the module."""
+    module.__dict__.pop(GATE_STASH, None)  # one a failed call left behind must not gate this one
+    tag = getattr(kwargs.get("cache", kwargs.get("past_key_values")), CACHE_TAG, None)
+    if tag is None:
+        return
+    gates, tokens = tag
+    x = args[0] if args else kwargs["hidden_states"]
+    row = slice(module.layer_idx, module.layer_idx + 1)
+    gate = torch.sigmoid(F.linear(x.to(gates.weight.dtype), gates.weight[row], gates.bias[row]))[..., 0]
+    module.__dict__[GATE_STASH] = (gate, tokens)
+
+
+def _check_consumed(module: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook: the gate left for this call must have been used (by the registered attention)."""
+    if module.__dict__.pop(GATE_STASH, None) is not None:
+        raise RuntimeError(
+            f"{type(module).__name__} (layer {module.layer_idx}) ran without fastpeft's gated prefix attention: "
+            f"config._attn_implementation is {module.config._attn_implementation!r}; do not change it while a "
+            "UniPELT adapter is injected"
+        )
+
+
+def attention_sites(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules that read the prefix from the cache: one per layer (`layer_idx`)."""
+    sites = [
+        m for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config")
+        and type(m).__name__.endswith("Attention") and "Cross" not in type(m).__name__
+        and not getattr(m, "is_cross_attention", False)
+    ]
+    if sorted(m.layer_idx for m in sites) != list(range(len(sites))) or not sites:
+        raise NotImplementedError(
+            f"UniPELT's prefix gate needs one self-attention module per layer (a module with layer_idx), found "
+            f"{[(type(m).__name__, m.layer_idx) for m in sites]} in {type(model).__name__}"
+        )
+    return sites
+
+
+def _check_originals(sites: list[nn.Module]) -> None:
+    """The attention implementations must be ones the gated attention can stand in for."""
+    for m in sites:
+        impl = m.config._attn_implementation or "eager"
+        if impl not in ORIGINALS:
+            raise NotImplementedError(
+                f"UniPELT's prefix gate stands in for the 'eager' or 'sdpa' attention, not {impl!r}: load the model "
+                "with attn_implementation='sdpa' (or 'eager')"
+            )
+        if impl == "eager" and not hasattr(sys.modules[type(m).__module__], "eager_attention_forward"):
+            raise NotImplementedError(f"{type(m).__name__}: no module-level eager_attention_forward to stand in for")
 
 
 class UniPELTModel(prompting.PromptLearningModel):
@@ -230,13 +361,20 @@ class UniPELTModel(prompting.PromptLearningModel):
         if not isinstance(peft_config, UniPELTConfig):
             raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a model holding UNIPELT adapters")
         lora, adapter = peft_config.lora_config(), peft_config.adapter_config()
-        self.lora.targets(lora)  # both parts' placement and widths checked before anything changes
+        self.lora.targets(lora)  # all parts' placement and widths checked before anything changes
         self.bottleneck.targets(adapter)
+        sites = None if self.__dict__.get("_gate_hooks") else attention_sites(self.base_model)
+        if sites is not None:
+            _check_originals(sites)
         super().add_adapter(adapter_name, peft_config)  # the prefix (checks its own part first)
         if "prefix_gate" not in self._modules:
-            self.prefix_gate = nn.ModuleDict()  # not a ParameterDict: its method names (copy...) clash
+            self.prefix_gate = nn.ModuleDict()
         device = next(self.base_model.parameters()).device
-        self.prefix_gate[adapter_name] = PrefixGate(peft_config.num_layers, device)
+        self.prefix_gate[adapter_name] = nn.Linear(  # row l: layer l's gate, nn.Linear(H, 1)'s init
+            _hidden_size(self.base_model), peft_config.num_layers, device=device, dtype=torch.float32
+        )
+        if sites is not None:
+            self._attach_gates(sites)
         self.lora.peft_config[adapter_name] = lora
         self.lora.inject_adapter(adapter_name)
         self.bottleneck.peft_config[adapter_name] = adapter
@@ -268,6 +406,26 @@ class UniPELTModel(prompting.PromptLearningModel):
         self.bottleneck.delete_adapter(adapter_name)
         del self.prefix_gate[adapter_name]
         super().delete_adapter(adapter_name)
+        if not self.peft_config:
+            self._detach_gates()
+
+    def _attach_gates(self, sites: list[nn.Module]) -> None:
+        """Hook the attention modules and switch their configs to the gated attention."""
+        hooks, originals = [], {}
+        for module in sites:
+            hooks.append(module.register_forward_pre_hook(_stash_gate, with_kwargs=True))
+            hooks.append(module.register_forward_hook(_check_consumed))
+            originals[id(module.config)] = (module.config, module.config._attn_implementation)
+        for config, original in originals.values():
+            config._attn_implementation = _register(original or "eager")
+        self.__dict__["_gate_hooks"] = (hooks, list(originals.values()))
+
+    def _detach_gates(self) -> None:
+        hooks, originals = self.__dict__.pop("_gate_hooks", ((), ()))
+        for hook in hooks:
+            hook.remove()
+        for config, original in originals:
+            config._attn_implementation = original
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -292,18 +450,17 @@ class UniPELTModel(prompting.PromptLearningModel):
     def unload(self) -> nn.Module:
         """The user's model without modules_to_save wrappers, LoRA layers and adapter layers."""
         super().unload()
+        self._detach_gates()
         self.lora.unload(merge=False)
         return self.bottleneck.unload(merge=False)
 
     # -- prompts and running -------------------------------------------------------------------
-    def _flat_prompt(self, name: str) -> torch.Tensor:
-        """The prefix with layer l's values times ``sigmoid(prefix_gate[l])`` (keys times 1, exact)."""
-        flat = super()._flat_prompt(name)
-        config = self.peft_config[name]
-        gate = torch.sigmoid(self.prefix_gate[name].weight).to(flat.dtype)
-        scale = torch.stack((torch.ones_like(gate), gate), dim=1).reshape(-1, 1)  # [2L, 1]: k_l, v_l
-        batch, tokens = flat.shape[:2]
-        return (flat.view(batch, tokens, 2 * config.num_layers, config.token_dim) * scale).view(batch, tokens, -1)
+    def get_prompt(self, batch_size: int, adapter_name: str | None = None):
+        """Prefix Tuning's cache, tagged with the adapter's prefix gate for the attention hooks."""
+        name = adapter_name or self._active_adapter
+        cache = super().get_prompt(batch_size, name)
+        setattr(cache, CACHE_TAG, (self.prefix_gate[name], self.peft_config[name].num_virtual_tokens))
+        return cache
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         _refuse_mixed(adapter_names)
@@ -316,7 +473,8 @@ class UniPELTModel(prompting.PromptLearningModel):
     # -- checkpoints ---------------------------------------------------------------------------
     def _adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         out = super()._adapter_state_dict(adapter_name)
-        out[PREFIX_GATE] = self.prefix_gate[adapter_name].weight.detach().cpu()
+        gate = self.prefix_gate[adapter_name].state_dict()
+        out.update({f"{PREFIX_GATE}.{k}": v.detach().cpu() for k, v in gate.items()})
         for key, layer in self._layers():
             if adapter_name in layer.adapters:
                 state = layer.adapter_state_dict(adapter_name)
@@ -328,16 +486,25 @@ class UniPELTModel(prompting.PromptLearningModel):
         shapes = GatedLoraModel(model, {}).expected_state_shapes("probe", config.lora_config())
         shapes.update(GatedBottleneckModel(model, {}).expected_state_shapes("probe", config.adapter_config()))
         out = {f"{checkpoint.PROMPT_PREFIX}{k}": v for k, v in shapes.items()}
-        return {**out, PREFIX_GATE: (config.num_layers,)}
+        out[f"{PREFIX_GATE}.weight"] = (config.num_layers, _hidden_size(model))
+        out[f"{PREFIX_GATE}.bias"] = (config.num_layers,)
+        return out
 
     def _load_extra_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            self.prefix_gate[adapter_name].weight.copy_(state[PREFIX_GATE])
+            gate = self.prefix_gate[adapter_name]
+            gate.load_state_dict({k: state[f"{PREFIX_GATE}.{k}"] for k in ("weight", "bias")})
             for key, layer in self._layers():
                 if adapter_name in layer.adapters:
                     prefix = f"{checkpoint.PROMPT_PREFIX}{key}."
                     sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                     layer.load_adapter_state_dict(adapter_name, sub)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    """The width of the attention input the prefix gate reads."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return config.hidden_size
 
 
 def _refuse_mixed(adapter_names: list[str] | None) -> None:

@@ -1,8 +1,9 @@
 """MAM Adapter (no PEFT oracle: PEFT lacks it). Its two parts are fastpeft's Prefix Tuning (checked
 against real peft in test_prefix_tuning.py) and parallel bottleneck adapter (test_adapter.py);
 here: the composition. Placement, identity-but-for-the-prefix at init (exact), training touches
-only the prefix and the adapters, bit-exact save/load in the documented layout, generate, the
-adapter lifecycle, and the errors the issue asks for."""
+only the prefix and the adapters, bit-exact save/load in the documented layout (tiny Llama, tiny
+GPT-2, and the real MiniLM BERT as a SEQ_CLS classifier), generate, the adapter lifecycle, and the
+errors the issue asks for."""
 
 import json
 
@@ -14,11 +15,19 @@ import fastpeft
 from fastpeft.methods.adapter import BottleneckAdapterLayer
 
 ARCHS = ["llama", "gpt2"]
-FFN = {"llama": "model.layers.{}.mlp", "gpt2": "transformer.h.{}.mlp"}
+ALL = [*ARCHS, "bert"]
+TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
+LAYERS = {"llama": 2, "gpt2": 2, "bert": 6}
+HIDDEN = {"llama": 32, "gpt2": 32, "bert": 384}
+# BERT: BertOutput(h, x) = LayerNorm(dropout(dense(h)) + x); the adapter joins its residual input x
+FFN = {"llama": "model.layers.{}.mlp", "gpt2": "transformer.h.{}.mlp", "bert": "bert.encoder.layer.{}.output"}
+MODE = {"llama": "parallel", "gpt2": "parallel", "bert": "parallel_residual"}
+HEAD = {"bert": {"base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"}}
 
 
 def mam(make_model, arch, **kwargs):
-    config = fastpeft.MAMConfig(**{"task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "reduction_factor": 4, **kwargs})
+    """`make_model` is the `pl_base_model` fixture for BERT (a SEQ_CLS head), or `make_model`."""
+    config = fastpeft.MAMConfig(**{"task_type": TASK[arch], "num_virtual_tokens": 3, "reduction_factor": 4, **kwargs})
     return fastpeft.get_peft_model(make_model(arch), config).eval()
 
 
@@ -36,33 +45,34 @@ def logits(model, inputs):
         return model(**inputs).logits
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_placement_and_trainable_parameters(arch, make_model):
-    model = mam(make_model, arch, scaling=2.5)
+@pytest.mark.parametrize("arch", ALL)
+def test_placement_and_trainable_parameters(arch, pl_base_model):
+    model = mam(pl_base_model, arch, scaling=2.5)
     layers = dict(model.bottleneck.adapter_layers())
-    assert set(layers) == {FFN[arch].format(i) for i in range(2)}
-    assert all(isinstance(m, BottleneckAdapterLayer) and m.mode == "parallel" for m in layers.values())
+    assert set(layers) == {FFN[arch].format(i) for i in range(LAYERS[arch])}
+    assert all(isinstance(m, BottleneckAdapterLayer) and m.mode == MODE[arch] for m in layers.values())
     assert {m.scaling["default"] for m in layers.values()} == {2.5}
-    assert layers[FFN[arch].format(0)].adapter_down["default"].weight.shape == (8, 32)  # 32 // 4
+    hidden = HIDDEN[arch]
+    assert layers[FFN[arch].format(0)].adapter_down["default"].weight.shape == (hidden // 4, hidden)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    adapter = {f"base_model.{FFN[arch].format(i)}.adapter_{w}.default.{t}" for i in range(2)
+    adapter = {f"base_model.{FFN[arch].format(i)}.adapter_{w}.default.{t}" for i in range(LAYERS[arch])
                for w in ("down", "up") for t in ("weight", "bias")}
-    assert trainable == adapter | {"prompt_encoder.default.embedding.weight"}
+    assert trainable == adapter | {"prompt_encoder.default.embedding.weight"} | HEAD.get(arch, set())
     assert fastpeft.MAMConfig(num_virtual_tokens=2).scaling == 4.0  # He et al.'s parallel adapter scaling
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_at_init_only_the_prefix_acts(arch, make_model, pl_inputs):
+@pytest.mark.parametrize("arch", ALL)
+def test_at_init_only_the_prefix_acts(arch, pl_base_model, pl_inputs):
     """Exact: a fresh MAM model == Prefix Tuning with the same prefix (the adapter adds exactly 0),
     and once the adapter is non-zero the two differ."""
     inputs = pl_inputs(arch)
-    model = mam(make_model, arch, prefix_projection=True)
+    model = mam(pl_base_model, arch, prefix_projection=True)
     prefix = fastpeft.get_peft_model(
-        make_model(arch), fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True)
+        pl_base_model(arch), fastpeft.PrefixTuningConfig(task_type=TASK[arch], num_virtual_tokens=3, prefix_projection=True)
     ).eval()
     prefix.prompt_encoder.load_state_dict(model.prompt_encoder.state_dict())
     assert torch.equal(logits(model, inputs), logits(prefix, inputs))
-    assert not torch.equal(logits(prefix, inputs), logits(make_model(arch), inputs))  # the prefix does act
+    assert not torch.equal(logits(prefix, inputs), logits(pl_base_model(arch), inputs))  # the prefix does act
     with torch.no_grad():
         for _, layer in model.bottleneck.adapter_layers():
             bias = layer.adapter_up["default"].bias  # not constant: LayerNorm would remove a constant shift
@@ -70,17 +80,19 @@ def test_at_init_only_the_prefix_acts(arch, make_model, pl_inputs):
     assert (logits(model, inputs) - logits(prefix, inputs)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_training_reduces_the_loss_and_changes_only_prefix_and_adapters(arch, make_model, pl_inputs):
-    model = mam(make_model, arch).train()
+@pytest.mark.parametrize("arch", ALL)
+def test_training_reduces_the_loss_and_changes_only_prefix_and_adapters(arch, pl_base_model, pl_inputs):
+    """(and BERT's SEQ_CLS head copy, which PEFT trains and saves with every prompt-learning classifier)"""
+    model = mam(pl_base_model, arch).train()
     inputs = pl_inputs(arch, pad=False)
+    labels = torch.tensor([0, 2]) if arch == "bert" else inputs["input_ids"]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=3e-2)
     losses = []
     for _ in range(6):
         optimizer.zero_grad()
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss = model(**inputs, labels=labels).loss
         loss.backward()
         graded = {n for n, p in model.named_parameters() if p.grad is not None}
         assert graded == {n for n, p in model.named_parameters() if p.requires_grad}
@@ -88,28 +100,31 @@ def test_training_reduces_the_loss_and_changes_only_prefix_and_adapters(arch, ma
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(n.startswith("prompt_encoder.default.") or ".adapter_" in n for n in changed)
+    assert changed and all(n.startswith("prompt_encoder.default.") or ".adapter_" in n or n in HEAD.get(arch, ())
+                           for n in changed)
     assert any(".adapter_down." in n for n in changed) and any(".adapter_up." in n for n in changed)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_round_trip_is_bit_exact(arch, make_model, pl_inputs, tmp_path):
-    model = mam(make_model, arch, prefix_projection=True, non_linearity="gelu", bottleneck_size=5)
+@pytest.mark.parametrize("arch", ALL)
+def test_save_load_round_trip_is_bit_exact(arch, pl_base_model, pl_inputs, tmp_path):
+    model = mam(pl_base_model, arch, prefix_projection=True, non_linearity="gelu", bottleneck_size=5)
     perturb(model)
     inputs = pl_inputs(arch)
     expected = logits(model, inputs)
     model.save_pretrained(tmp_path)
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    ffn = FFN[arch].format(1)
-    assert saved["prompt_embeddings"].shape == (3, 2 * 2 * model.active_peft_config.token_dim)
-    assert saved[f"base_model.{ffn}.adapter_down.weight"].shape == (5, 32)
-    assert saved[f"base_model.{ffn}.adapter_up.weight"].shape == (32, 5)
-    assert len(saved) == 1 + 2 * 4 and all(v.dtype == torch.float32 for v in saved.values())
+    ffn, layers, hidden = FFN[arch].format(1), LAYERS[arch], HIDDEN[arch]
+    assert saved["prompt_embeddings"].shape == (3, 2 * layers * model.active_peft_config.token_dim)
+    assert saved[f"base_model.{ffn}.adapter_down.weight"].shape == (5, hidden)
+    assert saved[f"base_model.{ffn}.adapter_up.weight"].shape == (hidden, 5)
+    heads = {"base_model.classifier.weight", "base_model.classifier.bias"} if arch == "bert" else set()
+    assert heads <= saved.keys() and len(saved) == 1 + layers * 4 + len(heads)
+    assert all(v.dtype == torch.float32 for v in saved.values())
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "MAM" and config["bottleneck_size"] == 5 and config["inference_mode"] is True
 
-    loaded = fastpeft.PeftModel.from_pretrained(make_model(arch), tmp_path)
+    loaded = fastpeft.PeftModel.from_pretrained(pl_base_model(arch), tmp_path)
     assert isinstance(loaded, fastpeft.MAMModel) and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(logits(loaded, inputs), expected)
     again = loaded._adapter_state_dict("default")
@@ -201,23 +216,3 @@ def test_errors(make_model, pl_inputs):
     prefix = fastpeft.get_peft_model(make_model("llama"), fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     with pytest.raises(ValueError, match="a MAM adapter needs its own model class"):
         prefix.add_adapter("m", fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
-
-
-def test_bert_classifier_trains_head_prefix_and_adapters_and_reloads(pl_base_model, pl_inputs, tmp_path):
-    """SEQ_CLS on the real MiniLM BERT: the adapter sits on BertOutput's residual input (parallel
-    to the FFN), the head is a modules_to_save copy; all three train, save and reload exactly."""
-    config = fastpeft.MAMConfig(task_type="SEQ_CLS", num_virtual_tokens=3, reduction_factor=8)
-    model = fastpeft.get_peft_model(pl_base_model("bert"), config)
-    layers = dict(model.bottleneck.adapter_layers())
-    assert len(layers) == 6 and all(m.mode == "parallel_residual" for m in layers.values())
-    inputs = pl_inputs("bert")
-    model.train()
-    model(**inputs, labels=torch.tensor([0, 2])).loss.backward()
-    graded = {n.split(".")[0] if n.startswith("prompt") else n.split(".")[-3] for n, p in model.named_parameters()
-              if p.grad is not None}
-    assert graded == {"prompt_encoder", "adapter_down", "adapter_up", "modules_to_save"}
-    perturb(model.eval())
-    expected = logits(model, inputs)
-    model.save_pretrained(tmp_path)
-    loaded = fastpeft.PeftModel.from_pretrained(pl_base_model("bert"), tmp_path)
-    assert torch.equal(logits(loaded, inputs), expected)

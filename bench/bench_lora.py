@@ -6,6 +6,8 @@ CUDA: 4096 wide, fp16, the Triton kernels (autotuned during the warm-up call, be
 each timed call synchronises, so decode numbers include launch overhead, as a real step does.
 CPU: 512 wide, fp32, `ops.lora_linear` on its torch backend (the interpreter is far too slow to
 time). Never run this with TRITON_INTERPRET=1 on a GPU machine: it would time the interpreter.
+Decode timings from CUDA graphs (no launch overhead) and the bandwidth figures are in
+`fastpeft bench` (its kernels section), which checks outputs first.
 """
 import os
 

@@ -68,7 +68,10 @@ def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["min_us"] <= r["median_us"] <= r["max_us"]
         assert r["samples"] >= 5
+        assert r["timing"] == "wall clock" and r["timing_note"] is None  # the JSON says how it was timed
+        assert r["bytes"] > 0 and r["gbps"] is None and r["copy_frac"] is None  # bandwidth: CUDA only
     assert all(r["penalty"] == 1.0 for r in rows if r["impl"] == "base")
+    assert result["kernels"]["copy_gbps"] is None
 
     nf4_rows, quant_rows = _check_nf4_section(result["nf4"])
 
@@ -95,6 +98,7 @@ def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
     for r in method_rows:
         if r["status"] == "ok":
             assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("median_us", "min_us", "max_us", "penalty")), r
+            assert r["timing"] == "wall clock" and r["eager_us"] is None, r
         if r["impl"] == "fastpeft":
             assert r["trainable"] > 0 and 0 < r["trainable_pct"] < 100
     train_rows = result["training"]["rows"]
@@ -132,6 +136,7 @@ def _check_nf4_section(section):
         if r["impl"] == "dense":
             assert r["vs_dense"] == 1.0
         assert r["gbps"] is None and r["copy_frac"] is None  # bandwidth: CUDA only
+        assert r["timing"] == "wall clock" and r["timing_note"] is None
     quant = section["quantize"]
     assert [r["impl"] for r in quant] == ["fastpeft", "bnb"] * len(s["layers"])
     for r in quant:
@@ -182,7 +187,9 @@ def test_bench_without_peft_or_matplotlib_says_so_never_a_number(tmp_path, capsy
 def test_bench_stdout_only_without_out(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--quick", "--device", "cpu", "--no-progress", "--sections", "kernels"]) == 0
-    assert "| M | implementation |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| M | implementation | median µs | min–max µs | penalty | GB/s | % of copy |" in out
+    assert "| n/a | n/a |" in out  # no copy bandwidth measured on the CPU
     assert list(tmp_path.iterdir()) == []
 
 

@@ -6,8 +6,10 @@ Four sections, each compared against real peers in the same run:
            the fused QLoRA layer, with bandwidth on CUDA and quantize time on the CPU (nf4.py);
   methods  every method in a whole model: prefill and decode against the bare model (methods.py);
   training one optimizer step of LoRA, DoRA and QLoRA models, fastpeft vs peft (training.py).
-Timing: on CUDA `triton.testing.do_bench` (device time, warm-up excluded, L2 flushed); on the
-CPU wall clock sampled in turn, median and min-max (timing.py). Every table names its device.
+Timing: on CUDA `triton.testing.do_bench` (device time, warm-up excluded, L2 flushed), and for
+decode-sized calls (<= 16 tokens) replays of a captured CUDA graph, which launch overhead cannot
+hide; on the CPU wall clock sampled in turn, median and min-max (timing.py). Every row records
+how it was timed (`timing`), and ratios only compare rows timed alike. Every table names its device.
 """
 from __future__ import annotations
 
@@ -72,7 +74,9 @@ def run(
             "env": {k: os.environ.get(k) for k in ("FASTPEFT_BACKEND", "TRITON_INTERPRET")},
             "quick": quick,
             "timing": (
-                "triton.testing.do_bench (device time, L2 flushed before each run, warm-up excluded)"
+                "triton.testing.do_bench (device time, L2 flushed before each run, warm-up excluded); "
+                "decode-sized calls (<= 16 tokens) from CUDA-graph replays (kernels: over rotated weight "
+                "copies, out of L2; methods: the step on a static cache); each row's `timing` says which"
                 if device == "cuda"
                 else "time.perf_counter, warm-up excluded, cases sampled in turn"
             ),

@@ -8,7 +8,15 @@ method can merge). The same config call builds both libraries' configs: the API 
 Phases: prefill (batch x sequence, one forward) and decode (one token per step on a KV cache that
 the method's own prefill filled, batch 1 and 16; the cache is cropped back after every step so
 each step sees the same context). The penalty is a case's median over the base model's median in
-the same phase of the same run.
+the same phase of the same run, timed the same way (`timing`).
+
+On CUDA a decode step is also timed from a CUDA graph, which a DynamicCache cannot be captured in:
+the prefilled cache is copied into a transformers StaticCache sized to hold one more token, and
+the step on it, at a fixed position (every replay overwrites the same slot: constant work), is
+captured and replayed (`_Decode.static_step`). Its output must match the eager step's before it
+is timed. Where capture fails (e.g. a mixed batch whose adapter bank syncs on the host) the row
+is timed eagerly and `timing_note` says why. Every CUDA row also keeps the eager step's do_bench
+time (`eager_us`, `eager_penalty`): the cost without graphs.
 
 qlora: the base is quantized to NF4 first (`Method.prepare`): by `fastpeft.quantize_model` for
 fastpeft, and for peft the same codes in `bitsandbytes.nn.Linear4bit` layers (as transformers
@@ -24,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from fastpeft.bench import timing
 from fastpeft.bench.env import BenchError
 from fastpeft.bench.timing import Progress, time_cpu, time_cuda
 
@@ -167,6 +176,10 @@ class Row:
     trainable: int | None = None
     trainable_pct: float | None = None
     peak_mem_mib: float | None = None
+    timing: str | None = None  # how median_us was measured: timing.GRAPH, DO_BENCH or WALL
+    timing_note: str | None = None  # why a decode row meant for a CUDA graph was timed otherwise
+    eager_us: float | None = None  # CUDA only: do_bench median of the eager call
+    eager_penalty: float | None = None
 
 
 @dataclass
@@ -239,23 +252,74 @@ def _prefill_fn(model, ids, mask, names=None) -> Callable[[], object]:
     return lambda: model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
 
 
-def _decode_fn(model, ids, mask, names=None) -> Callable[[], object]:
+class _Decode:
     """One decode step after the model's own prefill (prompt methods fill the cache with their
     virtual tokens or prefixes there); the step runs the adapted inner model on the cache (a
-    mixed case runs the wrapper: `adapter_names=` lives there)."""
-    kwargs = _mixed_kwargs(names, ids.shape[0])
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
-    cache = out.past_key_values
-    length = cache.get_seq_length()
-    token = out.logits[:, -1:].argmax(-1)
-    step_mask = torch.ones(ids.shape[0], length + 1, dtype=mask.dtype, device=ids.device)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") and not kwargs else model
+    mixed case runs the wrapper: `adapter_names=` lives there). Calling it runs the step on the
+    prefilled DynamicCache and crops the token back off; returns the logits."""
 
-    def step():
-        inner(input_ids=token, attention_mask=step_mask, past_key_values=cache, use_cache=True, **kwargs)
-        cache.crop(-1)  # drop the token just appended (negative: works on old and new caches)
+    def __init__(self, model, ids, mask, names=None):
+        self.kwargs = _mixed_kwargs(names, ids.shape[0])
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **self.kwargs)
+        self.cache = out.past_key_values
+        self.length = self.cache.get_seq_length()
+        self.token = out.logits[:, -1:].argmax(-1)
+        self.mask = torch.ones(ids.shape[0], self.length + 1, dtype=mask.dtype, device=ids.device)
+        wrapped = hasattr(model, "get_base_model")
+        self.inner = model.get_base_model() if wrapped and not self.kwargs else model
+        self.config = (model.get_base_model() if wrapped else model).config
 
-    return step
+    def __call__(self) -> torch.Tensor:
+        out = self.inner(input_ids=self.token, attention_mask=self.mask, past_key_values=self.cache,
+                         use_cache=True, **self.kwargs)
+        self.cache.crop(-1)  # drop the token just appended (negative: works on old and new caches)
+        return out.logits
+
+    def static_step(self):
+        """The same step on a StaticCache holding a copy of the prefilled cache (max length: one
+        more token), at the fixed position `length`: no host sync, fixed addresses, so it can be
+        captured in a CUDA graph, and every call (replay) rewrites the same slot."""
+        from transformers import StaticCache
+
+        static = StaticCache(config=self.config, max_cache_len=self.length + 1)
+        for i, layer in enumerate(self.cache.layers):
+            static.update(layer.keys, layer.values, i)
+        for name, value in vars(self.cache).items():  # tags a method put on its cache (UniPELT's gate)
+            if name not in vars(static):
+                setattr(static, name, value)
+        # transformers 5 appends at a per-layer device counter: reset it to `length` each call
+        counters = [c for c in (getattr(layer, "cumulative_length", None) for layer in static.layers)
+                    if isinstance(c, torch.Tensor)]
+        position = torch.full((1,), self.length, dtype=torch.long, device=self.token.device)
+
+        def step() -> torch.Tensor:
+            for c in counters:
+                c.fill_(self.length)
+            return self.inner(input_ids=self.token, attention_mask=self.mask, past_key_values=static,
+                              cache_position=position, use_cache=True, **self.kwargs).logits
+
+        return step
+
+
+def _time_cuda_case(call, make, batch: int, quick: bool, row: Row) -> tuple:
+    """(median, min, max, samples) of one case on CUDA; sets row's timing, note, eager time and
+    peak memory. do_bench times the eager call (and the peak memory is its); a decode step
+    (timing.timing_mode) is then timed from a graph of its static-cache twin."""
+    torch.cuda.reset_peak_memory_stats()
+    eager = time_cuda(call, quick)[:4]
+    row.peak_mem_mib = torch.cuda.max_memory_allocated() / 2**20
+    row.eager_us, row.timing = eager[0] * 1e6, timing.DO_BENCH
+    if make is not _Decode or timing.timing_mode("cuda", batch) != timing.GRAPH:
+        return eager
+    try:
+        # the replayed static-cache logits must be the eager step's (bf16 roundings apart)
+        stats = timing.time_cuda_graph([call.static_step()], quick, timing.replay_check(call(), 5e-2))
+    except Exception as e:  # noqa: BLE001  (no static cache or no capture: the eager time, say why)
+        torch.cuda.synchronize()
+        row.timing_note = f"cuda graph failed: {timing.why(e)}"
+        return eager
+    row.timing = timing.GRAPH
+    return stats
 
 
 def steps(names: list[str], device: str, quick: bool) -> int:
@@ -271,7 +335,7 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict
     cases = _cases(base, names)
     rows: list[Row] = []
     phases: list[tuple[str, int, int, Callable]] = [(f"prefill {s.prefill[0]}x{s.prefill[1]}", *s.prefill, _prefill_fn)]
-    phases += [(f"decode b{b}", b, s.context, _decode_fn) for b in s.decode_batches]
+    phases += [(f"decode b{b}", b, s.context, _Decode) for b in s.decode_batches]
     vocab = base.config.vocab_size
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
@@ -285,7 +349,7 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict
                 model = case.model
                 if model is None:
                     continue
-                if make is _decode_fn and not is_causal:
+                if make is _Decode and not is_causal:
                     here[key].status = "n/a: not a generative model"
                     continue
                 try:
@@ -298,20 +362,24 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict
             if device == "cuda":
                 for key, call in calls.items():
                     bar.step(f"{phase} {key[0]} {key[1]}")
-                    torch.cuda.reset_peak_memory_stats()
-                    stats[key] = time_cuda(call, quick)[:4]
-                    here[key].peak_mem_mib = torch.cuda.max_memory_allocated() / 2**20
+                    try:
+                        stats[key] = _time_cuda_case(call, make, batch, quick, here[key])
+                    except Exception as e:  # noqa: BLE001
+                        here[key].status = f"error: {type(e).__name__}: {e}"
                 bar.step(phase, len(cases) - len(calls))
             else:
                 stats = time_cpu(calls, s.budget_s) if calls else {}
+                for key in stats:
+                    here[key].timing = timing.WALL
                 bar.step(phase, len(cases))
             for key, (median, lo, hi, n) in stats.items():
                 row = here[key]
                 row.median_us, row.min_us, row.max_us, row.samples = median * 1e6, lo * 1e6, hi * 1e6, n
             base_row = here[("base", "base")]
             for key, row in here.items():
-                if row.median_us is not None and base_row.median_us:
-                    row.penalty = row.median_us / base_row.median_us
+                row.penalty = timing.penalty(row, base_row)
+                if row.eager_us is not None and base_row.eager_us:
+                    row.eager_penalty = row.eager_us / base_row.eager_us
                 if cases[key].counts is not None:
                     trainable, total = cases[key].counts
                     row.trainable, row.trainable_pct = trainable, 100 * trainable / total

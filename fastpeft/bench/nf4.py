@@ -12,14 +12,18 @@ double quant), timed at decode and prefill M as:
   qlora     ``ops.nf4_linear(x, Wq, None, A, B, s)`` with r = 16: the QLoRA layer in one launch,
             also reported against fastpeft's bare NF4 kernel ("vs NF4 base").
 Every output is checked against an fp32 reference (x @ dequant(Wq)^T, + the LoRA term) before it
-is timed. On CUDA each row also gets its effective bandwidth: the compulsory bytes (the weight
-as stored, x, y, and A, B for qlora) over the median time, and that as a fraction of a
-device-to-device copy (``torch.empty_like(buf).copy_(buf)``, read + write) timed in the same run.
+is timed. On CUDA, decode rows (M <= 16) are timed from replays of a captured CUDA graph over
+rotated copies of the layer (each call reads its weight from HBM), larger M by do_bench; a row
+whose graph fails is timed by do_bench and says why (`timing_note`), and every CUDA row keeps
+the host wall clock of eager calls. Each CUDA row also gets its effective bandwidth: the
+compulsory bytes (the weight as stored, x, y, and A, B for qlora) over the median time, and that
+as a fraction of a device-to-device copy (timing.copy_gbps) timed in the same run.
 On the CPU the section also times NF4 quantization, fastpeft against bitsandbytes' CPU backend,
 after checking that both produce the same codes.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -27,7 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastpeft.bench.timing import Progress, time_cpu, time_cuda
+from fastpeft.bench import timing
+from fastpeft.bench.timing import Progress, time_cpu
 
 IMPLS = ("dense", "dequant", "bnb", "fastpeft", "qlora")
 QUANT_IMPLS = ("fastpeft", "bnb")
@@ -38,7 +43,6 @@ LABELS = {
     "fastpeft": "fastpeft ops.nf4_linear",
     "qlora": "fastpeft QLoRA (NF4 + LoRA fused)",
 }
-_COPY_BYTES = 1 << 30  # the copy whose bandwidth is the yardstick: far larger than any L2
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ class Row:
     gbps: float | None = None       # CUDA only: bytes / median
     copy_frac: float | None = None  # CUDA only: gbps / device-to-device copy GB/s
     max_rel_err: float | None = None
+    timing: str | None = None       # how median_us was measured: timing.GRAPH, DO_BENCH or WALL
+    timing_note: str | None = None  # why a row meant for a CUDA graph was timed otherwise
 
 
 @dataclass
@@ -166,6 +172,14 @@ class _NF4Layer:
             self.module.weight, self.module.absmax, self.module.quant_map, self.module.nested_absmax,
             self.module.nested_quant_map, self.module.offset) if t is not None)
 
+    def clone(self) -> "_NF4Layer":
+        """The same codes and factors at new addresses: a rotated copy for CUDA-graph timing."""
+        twin = copy.copy(self)
+        twin.module = copy.deepcopy(self.module)
+        twin.qweight = twin.module.nf4_weight()
+        twin.dense, twin.lora_A, twin.lora_B = self.dense.clone(), self.lora_A.clone(), self.lora_B.clone()
+        return twin
+
     def reference(self, x: torch.Tensor, lora: bool) -> torch.Tensor:
         y = x.float() @ self.weight32.t()
         if lora:
@@ -212,35 +226,35 @@ def _tolerance(impl: str, dtype: str) -> float:
     return 5e-2
 
 
-def copy_gbps(device: str, quick: bool) -> float | None:
-    """Device-to-device copy bandwidth (GB/s, read + write counted) on CUDA, else None."""
-    if device != "cuda":
-        return None
-    buf = torch.empty(_COPY_BYTES // (64 if quick else 1), dtype=torch.uint8, device="cuda")
-    median = time_cuda(lambda: torch.empty_like(buf).copy_(buf), quick)[0]
-    return 2 * buf.numel() / median / 1e9
-
-
 def steps(quick: bool, device: str) -> int:
     s = shapes_for(device, quick)
     return len(s.layers) * (len(s.ms) * len(IMPLS) + (len(QUANT_IMPLS) if device == "cpu" else 0))
 
 
-def _time(device, quick, s, calls, bar, label, n_impls):
-    """impl -> timing tuple; failures to time come back as impl -> exception."""
+def _copies(layer: _NF4Layer, s: NF4Shapes, device: str) -> list[dict]:
+    """Every impl on each rotated copy of the layer: enough copies that CUDA-graph replays read
+    the 4-bit weight from HBM (timing.rotations); one on the CPU, where no row is graph-timed."""
+    if timing.GRAPH not in {timing.timing_mode(device, m) for m in s.ms}:
+        return [_impls(layer, s)]
+    n = timing.rotations(layer.stored_bytes, timing.l2_bytes())
+    return [_impls(one, s) for one in [layer] + [layer.clone() for _ in range(n - 1)]]
+
+
+def _time(device, quick, s, calls, bar, label, n_impls, m, checks):
+    """impl -> (timing tuple, mode, note); a failure to time comes back as impl -> exception."""
     if device == "cuda":
         stats = {}
-        for impl, call in calls.items():
+        for impl, fns in calls.items():
             bar.step(f"{label} {impl}")
             try:
-                stats[impl] = time_cuda(call, quick)
+                stats[impl] = timing.time_cuda_as(timing.timing_mode(device, m), fns, quick, checks[impl])
             except Exception as e:  # noqa: BLE001
                 stats[impl] = e
         bar.step(label, n_impls - len(calls))
         return stats
-    stats = time_cpu(calls, s.budget_s) if calls else {}
+    stats = time_cpu({impl: fns[0] for impl, fns in calls.items()}, s.budget_s) if calls else {}
     bar.step(label, n_impls)
-    return stats
+    return {impl: (st, timing.WALL, None) for impl, st in stats.items()}
 
 
 def _fill(row, st) -> None:
@@ -253,7 +267,8 @@ def _fill(row, st) -> None:
 
 
 def _run_layer(layer, s, device, quick, bar, name, copy_bw) -> list[Row]:
-    impls = _impls(layer, s)
+    copies = _copies(layer, s, device)
+    impls = copies[0]
     rows: list[Row] = []
     g = torch.Generator(device="cpu").manual_seed(1)
     elt = s.torch_dtype.itemsize
@@ -262,37 +277,36 @@ def _run_layer(layer, s, device, quick, bar, name, copy_bw) -> list[Row]:
         refs = {lora: layer.reference(x, lora) for lora in (False, True)}
         here = {impl: Row(name, m, impl, label, status) for impl, (_, status, label) in impls.items()}
         rows.extend(here.values())
-        calls = {}
+        calls, checks = {}, {}
         for impl, (fn, _, _) in impls.items():  # check every output before timing any
             if fn is None:
                 continue
             row = here[impl]
+            ref, tol = refs[impl == "qlora"], _tolerance(impl, s.dtype)
             try:
-                y = fn(x)
-                ref = refs[impl == "qlora"]
-                err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+                err = timing.rel_err(fn(x), ref)
             except Exception as e:  # noqa: BLE001  (one broken impl must not sink the run)
                 row.status = f"error: {type(e).__name__}: {e}"
                 continue
             row.max_rel_err = err
-            tol = _tolerance(impl, s.dtype)
             if not math.isfinite(err) or err > tol:
                 row.status = f"wrong: max rel err {err:.2e} > {tol:.0e}"
                 continue
-            calls[impl] = (lambda f: lambda: f(x))(fn)
-        for impl, st in _time(device, quick, s, calls, bar, f"{name} M={m}", len(impls)).items():
+            calls[impl] = [(lambda f: lambda: f(x))(c[impl][0]) for c in copies]
+            checks[impl] = timing.replay_check(ref, tol)
+        for impl, st in _time(device, quick, s, calls, bar, f"{name} M={m}", len(impls), m, checks).items():
+            if not isinstance(st, Exception):
+                st, here[impl].timing, here[impl].timing_note = st
             _fill(here[impl], st)
-        dense, base = here["dense"].median_us, here["fastpeft"].median_us
+        dense, base = here["dense"], here["fastpeft"]
         for impl, row in here.items():
             if row.median_us is None:
                 continue
-            row.vs_dense = row.median_us / dense if dense else None
-            if impl == "qlora" and base:
-                row.vs_nf4 = row.median_us / base
+            row.vs_dense = timing.penalty(row, dense)
+            if impl == "qlora":
+                row.vs_nf4 = timing.penalty(row, base)
             row.bytes = layer.bytes_moved(impl, m, elt)
-            if copy_bw:
-                row.gbps = row.bytes / (row.median_us * 1e-6) / 1e9
-                row.copy_frac = row.gbps / copy_bw
+            row.gbps, row.copy_frac = timing.bandwidth(row.bytes, row.median_us, copy_bw)
     return rows
 
 
@@ -334,7 +348,7 @@ def run(device: str, quick: bool, bar: Progress) -> dict:
     """Every implementation at every (layer, M), and on the CPU the quantize timings:
     {"shapes", "copy_gbps", "rows", "quantize"}."""
     s = shapes_for(device, quick)
-    copy_bw = copy_gbps(device, quick)
+    copy_bw = timing.copy_gbps(device, quick)
     rows: list[Row] = []
     quant: list[QuantRow] = []
     with torch.inference_mode():

@@ -20,23 +20,51 @@ def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
 def _latency_cells(r: dict, extra: int = 0) -> list[str]:
     if r["median_us"] is None:
         return [r["status"], "—", "—"] + ["—"] * extra
-    return [_fmt(r["median_us"]), f"{_fmt(r['min_us'])}–{_fmt(r['max_us'])}", _fmt(r["penalty"], ".2f") + "x"]
+    return [_fmt(r["median_us"]), f"{_fmt(r['min_us'])}–{_fmt(r['max_us'])}", _ratio(r["penalty"])]
+
+
+def _bandwidth_cells(r: dict, copy: float | None) -> list[str]:
+    """GB/s and % of the device-to-device copy: "n/a" without a copy measurement (the CPU)."""
+    if not copy:
+        return ["n/a", "n/a"]
+    frac = None if r["copy_frac"] is None else 100 * r["copy_frac"]
+    return [_fmt(r["gbps"], ".0f"), _fmt(frac, ".0f")]
+
+
+def _timing_cell(r: dict) -> str:
+    """How the row was timed, and why not from a CUDA graph when it was meant to be."""
+    if r["timing"] is None:
+        return "—"
+    return r["timing"] + (f" ({r['timing_note']})" if r["timing_note"] else "")
+
+
+def _cuda_clock(copy: float | None) -> str:
+    return ("device time: decode (M <= 16) from CUDA-graph replays over rotated weights, larger M by "
+            "do_bench; the timing column says which, and ratios only compare rows timed alike"
+            + (f"; bandwidth = compulsory bytes / median, % of a device-to-device copy at {copy:.0f} GB/s"
+               if copy else ""))
 
 
 def kernel_table(result: dict) -> list[str]:
     section, dev = result["kernels"], result["device"]
     s, cuda = section["shapes"], dev["type"] == "cuda"
+    copy = section["copy_gbps"]
     head = (
         f"**Kernels on {dev['summary']}** — LoRA linear {s['n']}x{s['k']}, r={s['r']}, {s['dtype']}, "
         f"torch {result['versions']['torch']}; latency in µs "
-        f"({'device time by do_bench' if cuda else 'wall clock'}: median, min–max); penalty = median / base median"
+        f"({_cuda_clock(copy) if cuda else 'wall clock'}: median, min–max); penalty = median / base median"
     )
-    cols = ["M", "implementation", "median µs", "min–max µs", "penalty"] + (["wall µs/call", "wall penalty"] if cuda else [])
+    cols = ["M", "implementation", "median µs", "min–max µs", "penalty", "GB/s", "% of copy"]
+    if cuda:
+        cols += ["timing", "wall µs/call", "wall penalty"]
     rows = []
     for r in section["rows"]:
-        cells = [str(r["m"]), r["label"]] + _latency_cells(r)
+        if r["median_us"] is None:
+            rows.append([str(r["m"]), r["label"], r["status"]] + ["—"] * (len(cols) - 3))
+            continue
+        cells = [str(r["m"]), r["label"]] + _latency_cells(r) + _bandwidth_cells(r, copy)
         if cuda:
-            cells += [_fmt(r["wall_us"]), _fmt(r["wall_penalty"], ".2f") + "x"] if r["median_us"] is not None else ["—", "—"]
+            cells += [_timing_cell(r), _fmt(r["wall_us"]), _ratio(r["wall_penalty"])]
         rows.append(cells)
     return [head, ""] + _table(cols, rows)
 
@@ -52,14 +80,13 @@ def nf4_table(result: dict) -> list[str]:
     copy = section["copy_gbps"]
     head = (
         f"**NF4 on {dev['summary']}** — one 4-bit layer (out x in), blocksize {s['blocksize']}, double quant, "
-        f"{s['dtype']}, QLoRA r={s['r']}; latency in µs ({'device time by do_bench' if cuda else 'wall clock'}: "
+        f"{s['dtype']}, QLoRA r={s['r']}; latency in µs ({_cuda_clock(copy) if cuda else 'wall clock'}: "
         f"median, min–max); vs dense = median / dense median; vs NF4 base = QLoRA median / fastpeft NF4 median"
-        + (f"; bandwidth = compulsory bytes / median, % of a device-to-device copy at {copy:.0f} GB/s"
-           if copy else "")
     )
-    cols = ["layer", "M", "implementation", "median µs", "min–max µs", "vs dense", "vs NF4 base"]
+    cols = ["layer", "M", "implementation", "median µs", "min–max µs", "vs dense", "vs NF4 base",
+            "GB/s", "% of copy"]
     if cuda:
-        cols += ["GB/s", "% of copy", "wall µs/call"]
+        cols += ["timing", "wall µs/call"]
     rows = []
     for r in section["rows"]:
         cells = [r["layer"], str(r["m"]), r["label"]]
@@ -67,10 +94,9 @@ def nf4_table(result: dict) -> list[str]:
             cells += [r["status"]] + ["—"] * (len(cols) - 4)
         else:
             cells += [_fmt(r["median_us"]), f"{_fmt(r['min_us'])}–{_fmt(r['max_us'])}", _ratio(r["vs_dense"]),
-                      _ratio(r["vs_nf4"])]
+                      _ratio(r["vs_nf4"])] + _bandwidth_cells(r, copy)
             if cuda:
-                frac = None if r["copy_frac"] is None else 100 * r["copy_frac"]
-                cells += [_fmt(r["gbps"], ".0f"), _fmt(frac, ".0f"), _fmt(r["wall_us"])]
+                cells += [_timing_cell(r), _fmt(r["wall_us"])]
         rows.append(cells)
     out = [head, ""] + _table(cols, rows)
     if section["quantize"]:
@@ -87,20 +113,24 @@ def nf4_table(result: dict) -> list[str]:
 def methods_table(result: dict) -> list[str]:
     section, dev = result["methods"], result["device"]
     s = section["shape"]
+    cuda = dev["type"] == "cuda"
     head = (
         f"**Methods on {dev['summary']}** — {section['model']} (hidden {s['hidden']}, {s['layers']} layers), "
         f"{s['dtype']}; latency in µs per forward (decode: per token); penalty = median / base model median"
+        + ("; decode steps from CUDA-graph replays on a static cache where they capture (timing column), "
+           "penalties only between rows timed alike; eager = do_bench of the eager step, launches included"
+           if cuda else "")
     )
     cols = ["phase", "method", "impl", "median µs", "min–max µs", "penalty", "trainable", "trainable %"]
-    cuda = dev["type"] == "cuda"
     if cuda:
-        cols.append("peak MiB")
+        cols += ["timing", "eager µs", "eager penalty", "peak MiB"]
     rows = []
     for r in section["rows"]:
         cells = [r["phase"], r["method"], r["impl"]] + _latency_cells(r)
         cells += [str(r["trainable"]) if r["trainable"] is not None else "—", _fmt(r["trainable_pct"], ".3f")]
         if cuda:
-            cells.append(_fmt(r["peak_mem_mib"], ".0f"))
+            cells += [_timing_cell(r), _fmt(r["eager_us"]), _ratio(r["eager_penalty"]),
+                      _fmt(r["peak_mem_mib"], ".0f")]
         rows.append(cells)
     return [head, ""] + _table(cols, rows)
 

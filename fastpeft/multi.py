@@ -25,6 +25,9 @@ in PEFT (which refuses them in training mode); here the forward also runs withou
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -53,7 +56,10 @@ class AdapterBank:
         self.used = 0                               # rows in use at the end of the buffers
         self.free: list[tuple[int, int]] = []       # (start, size) spans freed by removals
         self.spans: dict[int, tuple[int, int]] = {}  # id -> (offset, rank), host copy of the tables
-        self.stamps: dict[int, tuple] = {}           # id -> what its rows were copied from
+        # id -> what its rows were copied from: weak references to the two tensors (a tensor freed
+        # and another allocated at its address must not pass for it), then their version counters
+        # and data pointers (an in-place update; a `.data =` swap) and the scaling
+        self.stamps: dict[int, tuple | None] = {}
         self.version = 0  # bumped by every change to the tables or rows (caches of them key on it)
 
     @property
@@ -136,28 +142,27 @@ class AdapterBank:
         self.stamps[adapter_id] = stamp
         self.version += 1
 
-    def sync(self, adapters: dict[int, tuple[Tensor, Tensor, float]]) -> None:
-        """Make the bank hold exactly `adapters` ({id: (lora_A, lora_B, scaling)}): ids gone are
-        removed, new ones added, and an adapter is re-copied only when its stamp (storage,
-        version counter, rank, scaling) changed."""
-        for adapter_id in [i for i in self.spans if i not in adapters]:
-            self.remove(adapter_id)
-        stamps = self.stamps
-        for adapter_id, (a, b, scaling) in adapters.items():
-            # inference tensors (made under torch.inference_mode) have no version counter: no stamp,
-            # so they are re-copied on every sync
-            stamp = None if a.is_inference() or b.is_inference() else (
-                a.data_ptr(), a._version, b.data_ptr(), b._version, a.shape[0], float(scaling))
-            if stamp is not None and stamps.get(adapter_id) == stamp:
-                continue  # the common case: unchanged since the last sync
-            if adapter_id not in self.spans:
+    def sync(self, adapters: list[tuple[int, Tensor, Tensor, float]]) -> None:
+        """Bring `adapters` ([(id, lora_A, lora_B, scaling)]) up to date, adding new ids; an adapter
+        is re-copied only when its stamp changed. Other ids are left alone (a mixed batch syncs
+        only its own adapters: its host cost does not grow with the number registered); `remove`
+        drops an id. Called for every layer of every mixed forward: the check is kept lean."""
+        stamps, spans = self.stamps, self.spans
+        for adapter_id, a, b, scaling in adapters:
+            s = stamps.get(adapter_id)
+            try:
+                state = (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling)
+            except RuntimeError:  # inference tensors have no version counter: re-copied every sync
+                state = None
+            if s is not None and state is not None and s[0]() is a and s[1]() is b and s[2] == state:
+                continue  # the common case: the same tensors, unchanged since the last sync
+            stamp = None if state is None else (weakref.ref(a), weakref.ref(b), state)
+            if adapter_id in spans and spans[adapter_id][1] != a.shape[0]:
+                self.remove(adapter_id)
+            if adapter_id not in spans:
                 self.add(adapter_id, a, b, scaling, stamp)
             else:
-                if self.spans[adapter_id][1] != a.shape[0]:
-                    self.remove(adapter_id)
-                    self.add(adapter_id, a, b, scaling, stamp)
-                else:
-                    self.update(adapter_id, a, b, scaling, stamp)
+                self.update(adapter_id, a, b, scaling, stamp)
 
 
 class TokenGroups:
@@ -166,24 +171,36 @@ class TokenGroups:
 
     token_ids int32 [M] (adapter id per token, -1 base); perm int32 [M] (tokens sorted by id,
     stable); seg_start int32 [S + 1] and seg_adapter int32 [S] (segments of perm sharing an id);
-    host ints M, num_segments S, max_segment (longest segment), min_id, max_id.
+    host ints M, num_segments S, max_segment (longest segment), min_id, max_id, and the
+    segments' ids as a host list `adapters`.
     """
 
     def __init__(self, row_ids: Tensor | list[int], tokens_per_row: int, device: torch.device | str):
-        ids = torch.as_tensor(row_ids, dtype=torch.int64).flatten().cpu()
-        T = int(tokens_per_row)
-        self.rows, self.tokens_per_row, self.M = ids.numel(), T, ids.numel() * T
-        order = torch.sort(ids, stable=True).indices
-        seg_ids, counts = torch.unique_consecutive(ids[order], return_counts=True)
-        perm = (order[:, None] * T + torch.arange(T)).flatten()
-        seg_start = torch.cat([counts.new_zeros(1), torch.cumsum(counts * T, 0)])
-        self.num_segments = seg_ids.numel()
-        self.max_segment = int(counts.max()) * T if self.num_segments else 0
-        self.max_id = int(ids.max()) if ids.numel() else -1
-        self.min_id = int(ids.min()) if ids.numel() else -1
-        packed = torch.cat([ids.repeat_interleave(T), perm, seg_start, seg_ids]).to(torch.int32)
-        packed = packed.to(device, non_blocking=True)
-        M, S = self.M, self.num_segments
+        # per row on the host in plain Python (a batch has few rows: a handful of torch ops would
+        # cost more), per token by torch; one copy to the device
+        ids = row_ids.flatten().tolist() if isinstance(row_ids, Tensor) else [int(i) for i in row_ids]
+        T, n = int(tokens_per_row), len(ids)
+        self.rows, self.tokens_per_row, self.M = n, T, n * T
+        order = sorted(range(n), key=ids.__getitem__)  # stable
+        seg_ids, counts = [], []
+        for i in order:
+            if seg_ids and seg_ids[-1] == ids[i]:
+                counts[-1] += 1
+            else:
+                seg_ids.append(ids[i])
+                counts.append(1)
+        seg_start = [0, *itertools.accumulate(c * T for c in counts)]
+        self.num_segments = S = len(seg_ids)
+        self.adapters = seg_ids
+        self.max_segment = max(counts, default=0) * T
+        self.max_id, self.min_id = max(ids, default=-1), min(ids, default=-1)
+        host = torch.tensor(ids + order + seg_start + seg_ids, dtype=torch.int32)
+        if T != 1:  # rows -> tokens: row i's id for each of its tokens, and tokens i*T .. i*T+T-1
+            tokens = torch.arange(T, dtype=torch.int32)
+            host = torch.cat([host[:n].repeat_interleave(T), (host[n : 2 * n, None] * T + tokens).flatten(),
+                              host[2 * n :]])
+        packed = host.to(device, non_blocking=True)
+        M = self.M
         self.token_ids, self.perm = packed[:M], packed[M : 2 * M]
         self.seg_start, self.seg_adapter = packed[2 * M : 2 * M + S + 1], packed[2 * M + S + 1 :]
         self.device = packed.device
@@ -205,15 +222,15 @@ class MixedBatch:
         self._groups: dict[tuple[int, torch.device], TokenGroups] = {}
 
     def groups_for(self, x: Tensor) -> TokenGroups:
-        rows = len(self.row_ids)
-        if x.dim() < 2 or x.shape[0] != rows:
+        rows, shape = len(self.row_ids), x.shape
+        if len(shape) < 2 or shape[0] != rows:
             raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
-                             f"{rows} and {x.shape[0] if x.dim() else 0} respectively.")
-        T = x[0].numel() // x.shape[-1]
-        key = (T, x.device)
-        if key not in self._groups:
-            self._groups[key] = TokenGroups(self.row_ids, T, x.device)
-        return self._groups[key]
+                             f"{rows} and {shape[0] if shape else 0} respectively.")
+        key = (math.prod(shape[1:-1]), x.device)  # (tokens per row, device)
+        groups = self._groups.get(key)
+        if groups is None:
+            groups = self._groups[key] = TokenGroups(self.row_ids, key[0], key[1])
+        return groups
 
 
 class AdapterIds:
@@ -221,15 +238,20 @@ class AdapterIds:
 
     def __init__(self):
         self.ids: dict[str, int] = {}
+        self.names: tuple[str, ...] = ()  # the names of the last sync: unchanged -> nothing to do
 
     def sync(self, names: list[str]) -> dict[str, int]:
-        for gone in [n for n in self.ids if n not in names]:
+        if tuple(names) == self.names:
+            return self.ids
+        keep = set(names)
+        for gone in [n for n in self.ids if n not in keep]:
             del self.ids[gone]
         taken = set(self.ids.values())
         free = (i for i in range(len(names) + len(taken)) if i not in taken)
         for name in names:
             if name not in self.ids:
                 self.ids[name] = next(free)
+        self.names = tuple(names)
         return self.ids
 
 
@@ -264,18 +286,18 @@ def check_mixed_batch(peft_model: nn.Module, adapter_names: Any, walk=None) -> l
     if peft_model.training:
         raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
     layers, has_wrappers = walk or _walk(peft_model)
-    known = {name for layer in layers for name in layer.lora_A}
-    unknown = sorted({n for n in adapter_names if n != BASE} - known)
+    wanted = set(adapter_names) - {BASE}
+    # per name, not a set of every layer's adapters: the check must not grow with the number registered
+    unknown = sorted(n for n in wanted if not any(n in layer.lora_A._modules for layer in layers))
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
-    wanted = set(adapter_names) - {BASE}
     for layer in layers:
         if type(layer) not in (LoraLinear, NF4LoraLinear):
             raise NotImplementedError(f"mixed-adapter batches over {type(layer).__name__} layers are not implemented")
         if layer.merged:
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
-        if wanted & set(layer.lora_magnitude_vector):
+        if not wanted.isdisjoint(layer.lora_magnitude_vector._modules):
             raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
     if has_wrappers:
         raise NotImplementedError("mixed-adapter batches with modules_to_save (e.g. SEQ_CLS heads) are not "
@@ -283,24 +305,38 @@ def check_mixed_batch(peft_model: nn.Module, adapter_names: Any, walk=None) -> l
     return list(adapter_names)
 
 
-def sync_banks(peft_model: nn.Module, layers: list[nn.Module] | None = None) -> dict[str, int]:
-    """Bring every LoRA layer's bank up to date with its adapters; returns {name: id}."""
+def sync_banks(peft_model: nn.Module, layers: list[nn.Module] | None = None,
+               names: set[str] | None = None) -> dict[str, int]:
+    """Bring every LoRA layer's bank up to date with its adapters (only `names` of them when given:
+    a mixed batch's own, so its cost does not grow with the number registered); returns {name: id}.
+    A bank drops the ids of adapters its layer no longer holds whenever the layer's set changes."""
     tuner = peft_model.base_model
     registry = tuner.__dict__.setdefault("_adapter_ids", AdapterIds())
     ids = registry.sync(list(peft_model.peft_config))
+    # every bank takes every id the batch may name, held by its layer or not (those rows: base only)
+    num_ids = 1 + max((ids[n] for n in (ids if names is None else names)), default=-1)
     for layer in layers if layers is not None else _walk(peft_model)[0]:
         base = layer.base_layer  # the bank is in the compute dtype: an NF4 base's, or the weight's
-        dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
-        device = base.weight.device
-        bank = layer.__dict__.get("multi_bank")
+        weight = base.weight
+        # __dict__: a Linear4bit's plain attribute; getattr would raise and catch on an nn.Linear
+        dtype, device = base.__dict__.get("compute_dtype") or weight.dtype, weight.device
+        state = layer.__dict__
+        bank = state.get("multi_bank")
         stale = bank is not None and bank.lora_a.is_inference() and not torch.is_inference_mode_enabled()
         if bank is None or stale or bank.dtype != dtype or bank.device != device:
-            bank = layer.__dict__["multi_bank"] = AdapterBank(layer.in_features, layer.out_features, dtype, device)
-        bank.reserve_ids(max(ids.values(), default=-1) + 1)
-        # every mixed call checks every adapter of every layer: the lookups skip nn.Module.__getattr__
+            bank = state["multi_bank"] = AdapterBank(layer.in_features, layer.out_features, dtype, device)
+            state["multi_bank_holds"] = ()
+        # the lookups below skip nn.Module.__getattr__: every mixed call runs them for every layer
         lora_A, lora_B, scaling = layer.lora_A._modules, layer.lora_B._modules, layer.scaling
-        bank.sync({ids[n]: (lora_A[n]._parameters["weight"], lora_B[n]._parameters["weight"], scaling[n])
-                   for n in lora_A})
+        holds = tuple(lora_A)
+        if holds != state["multi_bank_holds"]:  # adapters added or deleted here since the last sync
+            kept = {ids[n] for n in holds}
+            for gone in [i for i in bank.spans if i not in kept]:
+                bank.remove(gone)
+            state["multi_bank_holds"] = holds
+        bank.reserve_ids(num_ids)
+        bank.sync([(ids[n], lora_A[n]._parameters["weight"], lora_B[n]._parameters["weight"], scaling[n])
+                   for n in (holds if names is None else names) if n in lora_A])
     return ids
 
 
@@ -316,13 +352,13 @@ def mixed_batch(peft_model: nn.Module, adapter_names: Any, num_beams: Any = None
     if isinstance(num_beams, int) and num_beams > 1:
         names = [n for n in names for _ in range(num_beams)]
     layers = walk[0]
-    ids = sync_banks(peft_model, layers)
+    ids = sync_banks(peft_model, layers, set(names) - {BASE})
     batch = MixedBatch(names, [-1 if n == BASE else ids[n] for n in names])
-    for layer in layers:
-        layer.mixed_batch = batch
+    for layer in layers:  # a plain attribute: skips nn.Module.__setattr__'s checks on every call
+        layer.__dict__["mixed_batch"] = batch
     try:
         with torch.no_grad():
             yield batch
     finally:
         for layer in layers:
-            layer.mixed_batch = None
+            layer.__dict__["mixed_batch"] = None

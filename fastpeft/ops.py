@@ -649,7 +649,7 @@ def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | 
 
 # -- multi-adapter LoRA (mixed-adapter batches) -----------------------------------------------
 # A bank (fastpeft.multi.AdapterBank, read here by its fields: lora_a [R, K], lora_b [R, N],
-# offsets/ranks int32 [I], scalings fp32 [I], max_rank, version) and the batch metadata
+# offsets/ranks int32 [I], scalings fp32 [I], spans {id: (offset, rank)}, max_rank, version) and the batch metadata
 # (fastpeft.multi.TokenGroups: token_ids, perm, seg_start, seg_adapter, num_segments, max_segment).
 __all__ += ["multi_lora_linear"]
 
@@ -664,16 +664,14 @@ def _multi_kernels(backend: str):
     return reference
 
 
-def _bank_tables(bank) -> tuple[int, tuple[Tensor, Tensor]]:
-    """The bank's max rank and `reference.multi_lora_tables`, cached on the bank until its
+def _bank_tables(bank) -> tuple[Tensor, Tensor]:
+    """`reference.multi_lora_tables` of the bank at its largest rank, cached on the bank until its
     `version` changes: per call they would cost ~10 small ops per layer."""
     cached = bank.__dict__.get("_reference_tables")
     if cached is None or cached[0] != bank.version:
-        max_rank = max(1, bank.max_rank)
-        cached = (bank.version, max_rank,
-                  reference.multi_lora_tables(bank.offsets, bank.ranks, bank.scalings, max_rank))
-        bank.__dict__["_reference_tables"] = cached
-    return cached[1], cached[2]
+        tables = reference.multi_lora_tables(bank.offsets, bank.ranks, bank.scalings, max(1, bank.max_rank))
+        cached = bank.__dict__["_reference_tables"] = (bank.version, tables)
+    return cached[1]
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, token_adapter_ids, *,
@@ -697,36 +695,33 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, toke
         raise TypeError(f"multi_lora_linear: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES or x.dim() < 1:
         raise ValueError(f"multi_lora_linear: x must be [..., K] float32|float16|bfloat16, got {_describe(x)}")
+    which = resolve_backend(x, backend)
     nf4_args = None
     if not isinstance(weight, Tensor) and hasattr(weight, "packed"):  # an NF4 weight
         nf4_args = _nf4_args(weight)
         packed, absmax, shape, blocksize, nested, _ = nf4_args
         if packed.device != x.device:
             raise ValueError(f"multi_lora_linear: the NF4 weight is on {packed.device}, x is {_describe(x)}")
-        if resolve_backend(x, backend) == "torch":  # the reference path: a dense weight
+        if which == "torch":  # the reference path: a dense weight
             weight, nf4_args = reference.nf4_dequantize(packed, absmax, shape, blocksize, x.dtype, nested), None
         else:
             weight = torch.empty(shape, dtype=x.dtype, device="meta")  # shape and dtype, for the checks
-    named = {"x": x, "weight": weight, "bias": bias, "bank.lora_a": getattr(bank, "lora_a", None),
-             "bank.lora_b": getattr(bank, "lora_b", None)}
-    for name, t in named.items():
+    lora_a, lora_b = getattr(bank, "lora_a", None), getattr(bank, "lora_b", None)
+    named = (("weight", weight), ("bias", bias), ("bank.lora_a", lora_a), ("bank.lora_b", lora_b))
+    for name, t in named:
         if not isinstance(t, Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"multi_lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
-    K, N = x.shape[-1], weight.shape[0]
-    want = {"weight": (N, K), "bias": (N,), "bank.lora_a": (bank.lora_a.shape[0], K),
-            "bank.lora_b": (bank.lora_a.shape[0], N)}
-    for name, t in named.items():
-        if t is None or name == "x":
-            continue
-        if tuple(t.shape) != want[name] or t.dtype != x.dtype or (t.device != x.device and t.device.type != "meta"):
-            raise ValueError(f"multi_lora_linear: {name} must be {list(want[name])} {x.dtype} on {x.device} "
+    K, N, R = x.shape[-1], weight.shape[0], lora_a.shape[0]
+    for (name, t), want in zip(named, ((N, K), (N,), (R, K), (R, N))):
+        if t is not None and (t.shape != want or t.dtype != x.dtype or (
+                t.device != x.device and t.device.type != "meta")):
+            raise ValueError(f"multi_lora_linear: {name} must be {list(want)} {x.dtype} on {x.device} "
                              f"(K = x.shape[-1], N = weight.shape[0]); got {name} {_describe(t)}")
     if path not in _MULTI_PATHS:
         raise ValueError(f"multi_lora_linear: path must be 'grouped', 'gathered' or None, got {path!r}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in named.values()):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
         raise ValueError("multi_lora_linear is inference only (no backward): run it under torch.no_grad() "
                          "or with inputs that do not require grad")
-    which = resolve_backend(x, backend)
     x2d = x.reshape(-1, K)
     M = x2d.shape[0]
     groups = token_adapter_ids
@@ -747,8 +742,11 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, toke
                          f"of the bank")
     kernels = _multi_kernels(which)
     grouped = not (path == "gathered" or (path is None and M < 16 * groups.num_segments))
+    # the rank tile fits this batch's adapters, not every adapter registered (host ints: no sync)
+    spans = bank.spans
+    max_rank = max(1, max((spans[i][1] for i in groups.adapters if i in spans), default=1))
     if kernels is reference:
-        max_rank, tables = _bank_tables(bank)
+        tables = tuple(t[:, :max_rank] for t in _bank_tables(bank))
         extra = {"tables": tables}
         if grouped and M and groups.num_segments and groups.max_segment:  # per batch: cached on it
             slots = groups.__dict__.get("_reference_slots")
@@ -757,7 +755,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, toke
                     groups.perm, groups.seg_start, groups.num_segments, groups.max_segment)
             extra["slots"] = slots
     else:
-        max_rank, extra = max(1, bank.max_rank), {"nf4": nf4_args} if nf4_args else {}
+        extra = {"nf4": nf4_args} if nf4_args else {}
     common = (x2d, None if nf4_args else weight, bias, bank.lora_a, bank.lora_b, bank.offsets, bank.ranks,
               bank.scalings, max_rank)
     if not grouped:

@@ -304,15 +304,17 @@ def _bank_factors(lora_a: Tensor, lora_b: Tensor, ids: Tensor,
 
 def multi_lora_segment_slots(perm: Tensor, seg_start: Tensor, num_segments: int,
                              max_segment: int) -> tuple[Tensor, Tensor]:
-    """The [S * max_segment] slots of the grouped reference's padded segment stacks, as token
-    indices, long: where each slot reads x (a padding slot reads a real token: finite, unused)
-    and where it adds into y (a padding slot adds into row M, cut off). A function of the batch
+    """Where the grouped reference's padded segment stacks ([S * max_segment] slots) meet the
+    tokens, long: the token each slot reads from x (a padding slot reads a real token: finite,
+    unused) and, per token, the slot its LoRA term is read back from. A function of the batch
     alone, so fastpeft.ops computes it once per forward, not per layer. Needs S, max_segment > 0."""
     M = perm.shape[0]
     pos = seg_start[:num_segments].long()[:, None] + torch.arange(max_segment, device=perm.device)
     read = perm.long().index_select(0, pos.clamp(max=M - 1).flatten())
-    write = read.masked_fill((pos >= seg_start[1 : num_segments + 1].long()[:, None]).flatten(), M)
-    return read, write
+    real = (pos < seg_start[1 : num_segments + 1].long()[:, None]).flatten()
+    slot_of = torch.empty(M, dtype=torch.long, device=perm.device)
+    slot_of[read[real]] = torch.arange(read.numel(), device=perm.device)[real]
+    return read, slot_of
 
 
 def multi_lora_grouped_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
@@ -324,30 +326,28 @@ def multi_lora_grouped_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lor
 
     Shapes as in `fastpeft.kernels.multi_lora.multi_lora_grouped_fwd`; perm must hold every token
     once. Each segment's tokens are gathered into a [S, max_segment, K] stack, multiplied by the
-    segment's adapter stacks with two bmm's and added back -> [M, N] x2d.dtype. Padding slots of
-    short segments are not masked (a pass over the stack): they add into a spare row M of y, cut
-    off at the end. `tables` (`multi_lora_tables` of this bank) and `slots`
+    segment's adapter stacks with two bmm's, the terms gathered back into token order, and the
+    base GEMM accumulates onto them (addmm) -> [M, N] x2d.dtype. Padding slots of short segments
+    are computed, never read back. `tables` (`multi_lora_tables` of this bank) and `slots`
     (`multi_lora_segment_slots` of this batch) are computed here when None: the kernel's
     arguments carry no such things; the CPU path passes cached copies. No host sync.
     """
     M, N = x2d.shape[0], weight.shape[0]
     xf, wf = x2d.float(), weight.float()
-    y = torch.empty(M + 1, N, dtype=torch.float32, device=x2d.device)  # row M: the padding's sink
-    if bias is None:
-        torch.mm(xf, wf.t(), out=y[:M])
-    else:
-        torch.addmm(bias.float(), xf, wf.t(), out=y[:M])
-    if num_segments > 0 and M > 0 and max_segment > 0:
-        S = num_segments
-        if slots is None:
-            slots = multi_lora_segment_slots(perm, seg_start, S, max_segment)
-        if tables is None:
-            tables = multi_lora_tables(offsets, ranks, scalings, max_rank)
-        xs = xf.index_select(0, slots[0]).view(S, max_segment, -1)     # [S, L, K] (CPU's fast gather)
-        a, b, coef = _bank_factors(lora_a, lora_b, seg_adapter[:S], tables)
-        xa = torch.bmm(xs, a.transpose(1, 2)) * coef[:, None, :]        # [S, L, R]
-        y.index_add_(0, slots[1], torch.bmm(xa, b).flatten(0, 1))
-    return y[:M].to(x2d.dtype)
+    if num_segments == 0 or M == 0 or max_segment == 0 or lora_a.shape[0] == 0:  # an empty bank: base only
+        return F.linear(xf, wf, None if bias is None else bias.float()).to(x2d.dtype)
+    S = num_segments
+    if slots is None:
+        slots = multi_lora_segment_slots(perm, seg_start, S, max_segment)
+    if tables is None:
+        tables = multi_lora_tables(offsets, ranks, scalings, max_rank)
+    xs = xf.index_select(0, slots[0]).view(S, max_segment, -1)     # [S, L, K] (CPU's fast gather)
+    a, b, coef = _bank_factors(lora_a, lora_b, seg_adapter[:S], tables)
+    xa = torch.bmm(xs, a.transpose(1, 2)) * coef[:, None, :]        # [S, L, R]
+    y = torch.bmm(xa, b).flatten(0, 1).index_select(0, slots[1])    # [M, N]: each token's term
+    if bias is not None:
+        y += bias.float()
+    return y.addmm_(xf, wf.t()).to(x2d.dtype)
 
 
 def multi_lora_gathered_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
@@ -359,7 +359,7 @@ def multi_lora_gathered_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lo
     `tables` as in `multi_lora_grouped_fwd`."""
     xf = x2d.float()
     y = F.linear(xf, weight.float(), None if bias is None else bias.float())
-    if x2d.shape[0] == 0:
+    if x2d.shape[0] == 0 or lora_a.shape[0] == 0:  # an empty bank: base only
         return y.to(x2d.dtype)
     if tables is None:
         tables = multi_lora_tables(offsets, ranks, scalings, max_rank)

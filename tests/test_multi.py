@@ -180,6 +180,52 @@ def test_bank_keeps_others_in_place_and_follows_weight_updates(make_model, make_
                                atol=2e-5, rtol=2e-5)
 
 
+def test_a_mixed_batch_syncs_only_its_own_adapters(make_model, make_inputs, checkpoints):
+    """The host cost of a mixed call must not grow with the number of adapters registered: a bank
+    copies the batch's adapters only, and drops an adapter once its layer no longer holds it."""
+    root = checkpoints("llama", make_model)
+    ours = load_all(fastpeft, make_model("llama"), root, ["a", "b", "d"])
+    layer = ours.base_model.model.model.layers[0].self_attn.v_proj  # holds a, b, d
+    inputs = make_inputs("llama", batch=2, seq=3)
+    run(ours, inputs, adapter_names=["a", "__base__"])
+    ids = ours.base_model._adapter_ids.ids
+    assert set(layer.multi_bank.spans) == {ids["a"]}
+    names = ["d", "a"]
+    torch.testing.assert_close(run(ours, inputs, adapter_names=names), row_by_row(ours, inputs, names),
+                               atol=2e-5, rtol=2e-5)
+    assert set(layer.multi_bank.spans) == {ids["a"], ids["d"]}
+    ours.delete_adapter("a")
+    run(ours, inputs, adapter_names=["d", "d"])
+    assert set(layer.multi_bank.spans) == {ids["d"]}, "a deleted adapter's rows are freed"
+
+
+def test_a_data_swap_reaches_the_bank(make_model, make_inputs, checkpoints):
+    """`param.data = t` keeps the version counter: the bank must notice the new storage."""
+    root = checkpoints("llama", make_model)
+    ours = load_all(fastpeft, make_model("llama"), root, ["a", "d"])
+    inputs = make_inputs("llama", batch=2, seq=3)
+    names = ["d", "a"]
+    before = run(ours, inputs, adapter_names=names)
+    layer = ours.base_model.model.model.layers[1].mlp.down_proj
+    layer.lora_B["d"].weight.data = layer.lora_B["d"].weight.data * 5.0
+    got = run(ours, inputs, adapter_names=names)
+    assert not torch.allclose(got[0], before[0], atol=1e-4)
+    torch.testing.assert_close(got, row_by_row(ours, inputs, names), atol=2e-5, rtol=2e-5)
+
+
+def test_mixed_batch_on_triton_kernels_when_a_layer_holds_none_of_its_adapters(
+        make_model, make_inputs, checkpoints, triton_backend):
+    """"c" sits on q_proj only: every other LoRA layer's bank holds none of the batch's adapters
+    (an empty bank), through the gathered kernel (2 rows x 5 tokens) and the grouped one (2 x 17)."""
+    root = checkpoints("llama", make_model)
+    ours = load_all(fastpeft, make_model("llama"), root, ["a", "c", "d"])
+    for seq in (5, 17):
+        inputs = make_inputs("llama", batch=2, seq=seq)
+        names = ["c", "__base__"]
+        torch.testing.assert_close(run(ours, inputs, adapter_names=names), row_by_row(ours, inputs, names),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_bank_refuses_a_rank_that_differs_from_its_record():
     bank = AdapterBank(6, 5, torch.float32, "cpu")
     bank.add(0, torch.randn(2, 6), torch.randn(5, 2), 1.0)

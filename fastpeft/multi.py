@@ -142,21 +142,29 @@ class AdapterBank:
         self.stamps[adapter_id] = stamp
         self.version += 1
 
+    def fresh(self, adapter_id: int, a: Tensor, b: Tensor, scaling: float) -> bool:
+        """Whether the bank's rows of `adapter_id` are a copy of exactly these tensors as they are
+        now (same objects, versions, storage, scaling). Inference tensors have no version
+        counter: never fresh, so they are re-copied on every sync."""
+        s = self.stamps.get(adapter_id)
+        try:
+            return (s is not None and s[0]() is a and s[1]() is b
+                    and s[2] == (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling))
+        except RuntimeError:
+            return False
+
     def sync(self, adapters: list[tuple[int, Tensor, Tensor, float]]) -> None:
         """Bring `adapters` ([(id, lora_A, lora_B, scaling)]) up to date, adding new ids; an adapter
-        is re-copied only when its stamp changed. Other ids are left alone (a mixed batch syncs
-        only its own adapters: its host cost does not grow with the number registered); `remove`
-        drops an id. Called for every layer of every mixed forward: the check is kept lean."""
-        stamps, spans = self.stamps, self.spans
+        is re-copied only when not `fresh`. Other ids are left alone (a mixed batch syncs only its
+        own adapters: its host cost does not grow with the number registered); `remove` drops one."""
+        spans = self.spans
         for adapter_id, a, b, scaling in adapters:
-            s = stamps.get(adapter_id)
+            if self.fresh(adapter_id, a, b, scaling):
+                continue
             try:
-                state = (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling)
-            except RuntimeError:  # inference tensors have no version counter: re-copied every sync
-                state = None
-            if s is not None and state is not None and s[0]() is a and s[1]() is b and s[2] == state:
-                continue  # the common case: the same tensors, unchanged since the last sync
-            stamp = None if state is None else (weakref.ref(a), weakref.ref(b), state)
+                stamp = (weakref.ref(a), weakref.ref(b), (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling))
+            except RuntimeError:  # an inference tensor: no stamp
+                stamp = None
             if adapter_id in spans and spans[adapter_id][1] != a.shape[0]:
                 self.remove(adapter_id)
             if adapter_id not in spans:
@@ -169,10 +177,10 @@ class TokenGroups:
     """The metadata of one forward over `rows` rows of `tokens_per_row` tokens each (token m is
     in row m // tokens_per_row), all on `device`, built from host ints with one copy:
 
-    token_ids int32 [M] (adapter id per token, -1 base); perm int32 [M] (tokens sorted by id,
-    stable); seg_start int32 [S + 1] and seg_adapter int32 [S] (segments of perm sharing an id);
-    host ints M, num_segments S, max_segment (longest segment), min_id, max_id, and the
-    segments' ids as a host list `adapters`.
+    token_ids int32 [M] (adapter id per token, -1 base); row_ids int32 [rows] (per row); perm
+    int32 [M] (tokens sorted by id, stable); seg_start int32 [S + 1] and seg_adapter int32 [S]
+    (segments of perm sharing an id); host ints rows, tokens_per_row, M, num_segments S,
+    max_segment (longest segment), min_id, max_id, and the segments' ids as a host list `adapters`.
     """
 
     def __init__(self, row_ids: Tensor | list[int], tokens_per_row: int, device: torch.device | str):
@@ -194,13 +202,14 @@ class TokenGroups:
         self.adapters = seg_ids
         self.max_segment = max(counts, default=0) * T
         self.max_id, self.min_id = max(ids, default=-1), min(ids, default=-1)
-        host = torch.tensor(ids + order + seg_start + seg_ids, dtype=torch.int32)
+        host = torch.tensor(ids + ids + order + seg_start + seg_ids, dtype=torch.int32)
         if T != 1:  # rows -> tokens: row i's id for each of its tokens, and tokens i*T .. i*T+T-1
             tokens = torch.arange(T, dtype=torch.int32)
-            host = torch.cat([host[:n].repeat_interleave(T), (host[n : 2 * n, None] * T + tokens).flatten(),
-                              host[2 * n :]])
+            host = torch.cat([host[:n], host[:n].repeat_interleave(T),
+                              (host[2 * n : 3 * n, None] * T + tokens).flatten(), host[3 * n :]])
         packed = host.to(device, non_blocking=True)
         M = self.M
+        self.row_ids, packed = packed[:n], packed[n:]
         self.token_ids, self.perm = packed[:M], packed[M : 2 * M]
         self.seg_start, self.seg_adapter = packed[2 * M : 2 * M + S + 1], packed[2 * M + S + 1 :]
         self.device = packed.device
@@ -335,8 +344,15 @@ def sync_banks(peft_model: nn.Module, layers: list[nn.Module] | None = None,
                 bank.remove(gone)
             state["multi_bank_holds"] = holds
         bank.reserve_ids(num_ids)
-        bank.sync([(ids[n], lora_A[n]._parameters["weight"], lora_B[n]._parameters["weight"], scaling[n])
-                   for n in (holds if names is None else names) if n in lora_A])
+        stale = []
+        for n in holds if names is None else names:
+            module = lora_A.get(n)
+            if module is not None:
+                entry = (ids[n], module._parameters["weight"], lora_B[n]._parameters["weight"], scaling[n])
+                if not bank.fresh(*entry):
+                    stale.append(entry)
+        if stale:
+            bank.sync(stale)
     return ids
 
 

@@ -664,14 +664,33 @@ def _multi_kernels(backend: str):
     return reference
 
 
-def _bank_tables(bank) -> tuple[Tensor, Tensor]:
-    """`reference.multi_lora_tables` of the bank at its largest rank, cached on the bank until its
+def _bank_tables(bank, max_rank: int) -> tuple[Tensor, Tensor]:
+    """`reference.multi_lora_tables` of the bank at `max_rank`, cached on the bank until its
     `version` changes: per call they would cost ~10 small ops per layer."""
     cached = bank.__dict__.get("_reference_tables")
     if cached is None or cached[0] != bank.version:
-        tables = reference.multi_lora_tables(bank.offsets, bank.ranks, bank.scalings, max(1, bank.max_rank))
-        cached = bank.__dict__["_reference_tables"] = (bank.version, tables)
-    return cached[1]
+        cached = bank.__dict__["_reference_tables"] = (bank.version, {})
+    tables = cached[1].get(max_rank)
+    if tables is None:
+        tables = cached[1][max_rank] = reference.multi_lora_tables(bank.offsets, bank.ranks, bank.scalings, max_rank)
+    return tables
+
+
+def _check_bank(bank, K: int, N: int, x: Tensor) -> None:
+    """The bank's buffers fit x (K in, N out, x's dtype and device); checked once per bank change
+    (a bank changes through its methods only, each bumping `version`), not on every call."""
+    key = (bank.version, K, N, x.dtype, x.device)
+    if bank.__dict__.get("_checked_for") == key:
+        return
+    R = bank.lora_a.shape[0] if isinstance(bank.lora_a, Tensor) else 0
+    for name, want in (("lora_a", (R, K)), ("lora_b", (R, N))):
+        t = getattr(bank, name)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"multi_lora_linear: bank.{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != want or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"multi_lora_linear: bank.{name} must be {list(want)} {x.dtype} on {x.device} "
+                             f"(K = x.shape[-1], N = weight.shape[0]); got bank.{name} {_describe(t)}")
+    bank.__dict__["_checked_for"] = key
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, token_adapter_ids, *,
@@ -686,7 +705,8 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, toke
     (built once per forward and shared by all layers: no host sync here), or an integer tensor
     [M] of ids in [-1, bank.num_ids) (then grouped here, reading the ids on the host) -> [..., N].
     `path`: "grouped" (SGMV-style, tokens sorted into segments: prefill), "gathered" (BGMV-style,
-    one id per token: decode), or None: gathered when segments average under 16 tokens.
+    one id per token: decode), or None: gathered when segments average under 16 tokens (Triton);
+    the torch path gathers per row when rows are at least rank-long or all on distinct adapters.
 
     Inference only (PEFT refuses `adapter_names` in training mode): no autograd; an input that
     requires grad while grad mode is on is an error rather than a silently detached result.
@@ -706,20 +726,20 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, toke
             weight, nf4_args = reference.nf4_dequantize(packed, absmax, shape, blocksize, x.dtype, nested), None
         else:
             weight = torch.empty(shape, dtype=x.dtype, device="meta")  # shape and dtype, for the checks
-    lora_a, lora_b = getattr(bank, "lora_a", None), getattr(bank, "lora_b", None)
-    named = (("weight", weight), ("bias", bias), ("bank.lora_a", lora_a), ("bank.lora_b", lora_b))
-    for name, t in named:
+    for name, t in (("weight", weight), ("bias", bias)):
         if not isinstance(t, Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"multi_lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
-    K, N, R = x.shape[-1], weight.shape[0], lora_a.shape[0]
-    for (name, t), want in zip(named, ((N, K), (N,), (R, K), (R, N))):
+    K, N = x.shape[-1], weight.shape[0]
+    for name, t, want in (("weight", weight, (N, K)), ("bias", bias, (N,))):
         if t is not None and (t.shape != want or t.dtype != x.dtype or (
                 t.device != x.device and t.device.type != "meta")):
             raise ValueError(f"multi_lora_linear: {name} must be {list(want)} {x.dtype} on {x.device} "
                              f"(K = x.shape[-1], N = weight.shape[0]); got {name} {_describe(t)}")
+    _check_bank(bank, K, N, x)
     if path not in _MULTI_PATHS:
         raise ValueError(f"multi_lora_linear: path must be 'grouped', 'gathered' or None, got {path!r}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, bank.lora_a, bank.lora_b)):
         raise ValueError("multi_lora_linear is inference only (no backward): run it under torch.no_grad() "
                          "or with inputs that do not require grad")
     x2d = x.reshape(-1, K)
@@ -741,26 +761,37 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, toke
         raise ValueError(f"multi_lora_linear: adapter id {groups.max_id} out of range [-1, {bank.num_ids}) "
                          f"of the bank")
     kernels = _multi_kernels(which)
-    grouped = not (path == "gathered" or (path is None and M < 16 * groups.num_segments))
+    S, T = groups.num_segments, groups.tokens_per_row
     # the rank tile fits this batch's adapters, not every adapter registered (host ints: no sync)
     spans = bank.spans
-    max_rank = max(1, max((spans[i][1] for i in groups.adapters if i in spans), default=1))
+    max_rank = max(1, max((spans[i][1] for i in groups.adapters if i in spans), default=0))
+    # gathered (one adapter per token) when segments are short: on a GPU when they average under
+    # 16 tokens (the grouped kernel's row tile). The CPU path gathers each ROW's factors and
+    # multiplies its T tokens in place, which copies less than sorting tokens into segments when
+    # a row has at least as many tokens as the rank, or when no two rows share an adapter.
+    short = M < 16 * S if kernels is not reference else (max_rank <= T or groups.rows <= S)
+    grouped = path == "grouped" or (path is None and not short)
     if kernels is reference:
-        tables = tuple(t[:, :max_rank] for t in _bank_tables(bank))
-        extra = {"tables": tables}
-        if grouped and M and groups.num_segments and groups.max_segment:  # per batch: cached on it
+        extra = {"tables": _bank_tables(bank, max_rank)}
+        if grouped and M and S and groups.max_segment:  # per batch: cached on it
             slots = groups.__dict__.get("_reference_slots")
             if slots is None:
                 slots = groups.__dict__["_reference_slots"] = reference.multi_lora_segment_slots(
-                    groups.perm, groups.seg_start, groups.num_segments, groups.max_segment)
+                    groups.perm, groups.seg_start, S, groups.max_segment)
             extra["slots"] = slots
     else:
         extra = {"nf4": nf4_args} if nf4_args else {}
     common = (x2d, None if nf4_args else weight, bias, bank.lora_a, bank.lora_b, bank.offsets, bank.ranks,
               bank.scalings, max_rank)
-    if not grouped:
+    if not grouped and kernels is reference:  # per row (x as [rows, T, K]), or per token when T == 1
+        slots = groups.__dict__.get("_reference_row_slots")  # per batch: cached on it
+        if slots is None:
+            slots = groups.__dict__["_reference_row_slots"] = groups.row_ids.long() + 1
+        rows = x if x.shape[:-1] == (groups.rows, T) else x2d.reshape(groups.rows, T, K) if T > 1 else x2d
+        y = kernels.multi_lora_gathered_fwd(rows, *common[1:], groups.row_ids, slots=slots, **extra)
+    elif not grouped:
         y = kernels.multi_lora_gathered_fwd(*common, groups.token_ids, **extra)
     else:
         y = kernels.multi_lora_grouped_fwd(*common, groups.perm, groups.seg_start, groups.seg_adapter,
                                            groups.num_segments, groups.max_segment, **extra)
-    return y.reshape(*x.shape[:-1], N)
+    return y if y.shape[:-1] == x.shape[:-1] else y.reshape(*x.shape[:-1], N)

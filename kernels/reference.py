@@ -289,16 +289,17 @@ def multi_lora_tables(offsets: Tensor, ranks: Tensor, scalings: Tensor,
     return F.pad(rows, (0, 0, 1, 0)), F.pad(coef, (0, 0, 1, 0))
 
 
-def _bank_factors(lora_a: Tensor, lora_b: Tensor, ids: Tensor,
+def _bank_factors(lora_a: Tensor, lora_b: Tensor, slot: Tensor,
                   tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """For the adapter ids `ids` [G] (-1: none): fp32 A stacks [G, max_rank, K] and B^T stacks
-    [G, max_rank, N] (rows past each rank unmasked) and the coefficients [G, max_rank] (one
-    multiply masks and scales), gathered through `multi_lora_tables`."""
-    slot = ids + 1
+    """For the table slots `slot` [G] (adapter id + 1, long; 0: none): fp32 A stacks
+    [G, max_rank, K] and B^T stacks [G, max_rank, N] (rows past each rank unmasked) and the
+    coefficients [G, max_rank] (one multiply masks and scales), gathered through
+    `multi_lora_tables`."""
     rows = tables[0].index_select(0, slot)
     G, R = rows.shape
-    a = lora_a.index_select(0, rows.flatten()).view(G, R, -1).float()
-    b = lora_b.index_select(0, rows.flatten()).view(G, R, -1).float()
+    rows = rows.view(-1)
+    a = lora_a.index_select(0, rows).view(G, R, -1).float()
+    b = lora_b.index_select(0, rows).view(G, R, -1).float()
     return a, b, tables[1].index_select(0, slot)
 
 
@@ -342,8 +343,8 @@ def multi_lora_grouped_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lor
     if tables is None:
         tables = multi_lora_tables(offsets, ranks, scalings, max_rank)
     xs = xf.index_select(0, slots[0]).view(S, max_segment, -1)     # [S, L, K] (CPU's fast gather)
-    a, b, coef = _bank_factors(lora_a, lora_b, seg_adapter[:S], tables)
-    xa = torch.bmm(xs, a.transpose(1, 2)) * coef[:, None, :]        # [S, L, R]
+    a, b, coef = _bank_factors(lora_a, lora_b, seg_adapter[:S].long() + 1, tables)
+    xa = torch.bmm(xs, a.transpose(1, 2)).mul_(coef[:, None, :])    # [S, L, R]
     y = torch.bmm(xa, b).flatten(0, 1).index_select(0, slots[1])    # [M, N]: each token's term
     if bias is not None:
         y += bias.float()
@@ -353,17 +354,21 @@ def multi_lora_grouped_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lor
 def multi_lora_gathered_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
                             lora_b: Tensor, offsets: Tensor, ranks: Tensor, scalings: Tensor,
                             max_rank: int, token_ids: Tensor,
-                            tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                            tables: tuple[Tensor, Tensor] | None = None, slots: Tensor | None = None) -> Tensor:
     """y = x W^T + b + each token's own LoRA term (the BGMV kernel's reference): the factors of
     every token's adapter are gathered into [M, max_rank, *] stacks, then two bmm's -> [M, N].
-    `tables` as in `multi_lora_grouped_fwd`."""
+    The CPU path also passes x as [G, T, K] with one id per row of T tokens (token_ids [G]): the
+    factors are then gathered once per row, the rows' tokens multiplied in place -> [G, T, N].
+    `tables` as in `multi_lora_grouped_fwd`; `slots`: token_ids + 1 as long (cached per batch by
+    the CPU path), computed here when None."""
     xf = x2d.float()
     y = F.linear(xf, weight.float(), None if bias is None else bias.float())
     if x2d.shape[0] == 0 or lora_a.shape[0] == 0:  # an empty bank: base only
         return y.to(x2d.dtype)
     if tables is None:
         tables = multi_lora_tables(offsets, ranks, scalings, max_rank)
-    a, b, coef = _bank_factors(lora_a, lora_b, token_ids, tables)
-    xa = torch.bmm(a, xf[:, :, None])[:, :, 0] * coef             # [M, R]
-    y[:, None, :].baddbmm_(xa[:, None, :], b)
+    a, b, coef = _bank_factors(lora_a, lora_b, token_ids.long() + 1 if slots is None else slots, tables)
+    rows = (lambda t: t) if x2d.dim() == 3 else (lambda t: t[:, None, :])  # as [G, T, *]
+    xa = torch.bmm(rows(xf), a.transpose(1, 2)).mul_(coef[:, None, :])     # [G, T, R]
+    rows(y).baddbmm_(xa, b)
     return y.to(x2d.dtype)

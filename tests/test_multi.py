@@ -283,6 +283,32 @@ def test_ops_multi_lora_linear_with_token_ids_and_bad_ids():
         fastpeft.ops.multi_lora_linear(x.requires_grad_(), w, b, bank, torch.tensor([0, 0, 1]))
 
 
+@pytest.mark.parametrize("tokens_per_row", [1, 3, 8])
+def test_cpu_paths_agree_with_each_token_alone(tokens_per_row):
+    """The torch path picks per-row gathering (rows at least rank-long, or no shared adapter) or
+    token segments (else); every choice equals each token through its own adapter."""
+    from fastpeft.multi import TokenGroups
+
+    torch.manual_seed(0)
+    K, N = 12, 7
+    bank = AdapterBank(K, N, torch.float32, "cpu")
+    adapters = {0: (torch.randn(2, K), torch.randn(N, 2), 1.5), 1: (torch.randn(8, K), torch.randn(N, 8), 0.5),
+                2: (torch.randn(5, K), torch.randn(N, 5), 2.0)}
+    for i, (a, b, s) in adapters.items():
+        bank.add(i, a, b, s)
+    row_ids = [2, -1, 0, 2, 1, 0]
+    x, w, bias = torch.randn(len(row_ids), tokens_per_row, K), torch.randn(N, K), torch.randn(N)
+    want = torch.nn.functional.linear(x, w, bias)
+    for row, i in enumerate(row_ids):
+        if i >= 0:
+            a, b, s = adapters[i]
+            want[row] += s * (x[row] @ a.t()) @ b.t()
+    groups = TokenGroups(row_ids, tokens_per_row, "cpu")
+    for path in (None, "grouped", "gathered"):
+        got = fastpeft.ops.multi_lora_linear(x, w, bias, bank, groups, backend="torch", path=path)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_mixed_batch_over_an_nf4_base(backend, make_model, make_inputs, checkpoints, monkeypatch):
     """Multi-tenant QLoRA: adapters over a fastpeft NF4 base, mixed batch == each row alone."""

@@ -1,87 +1,96 @@
-"""Mixed-adapter batch on the CPU: fastpeft's `adapter_names=` against real peft's, same run.
+"""Mixed-adapter LoRA latency on the current device: one layer, row i of the batch on adapter
+i % 32 (ranks 8/16/32/64): base, one adapter of rank 64 for every row, fastpeft's multi-adapter op
+over a bank of the batch's adapters and over 1000 registered, and real peft's `adapter_names=`.
 
-The issue's CPU case: the bench's CPU Llama (fastpeft.bench.methods.load_model), `--rows` rows
-over `--adapters` LoRA adapters (r=16 on every linear), a prefill of `--seq` tokens per row and a
-decode step; wall clock, median of `--repeat` runs after a warm-up, one torch thread.
-
-    python bench/bench_multi_lora.py [--rows 64 --adapters 16 --seq 16 --repeat 7] [--tiny]
-
-`--tiny` runs the issue's CPU target model instead: the tiny Llama of `fastpeft bench --quick`.
+Run: ``pytest bench/bench_multi_lora.py --benchmark-only`` (outside the default `tests` path). Each
+group is one phase on one device: read its rows as ratios against `base`. The shapes are those of
+`fastpeft bench`'s multi section (fastpeft/bench/multi.py: CUDA 4096 wide bf16 with the Triton
+kernels, CPU 1024 wide fp32 on the torch backend), which also checks every output first and runs
+the whole-model case. Each timed call synchronises, so CUDA decode numbers include launch
+overhead. Never run this with TRITON_INTERPRET=1 on a GPU machine: it would time the interpreter.
 """
-from __future__ import annotations
+import os
 
-import argparse
-import copy
-import statistics
-import time
-import warnings
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-import fastpeft
-from fastpeft.bench.methods import LLAMA_LINEARS, load_model
+from fastpeft import ops
+from fastpeft.bench.multi import make_adapters, make_bank, peft_mixed_layer, shapes_for
+from fastpeft.multi import TokenGroups
 
-
-def _model(lib, base, adapters: int):
-    def config():
-        return lib.LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_LINEARS, init_lora_weights=False)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = lib.get_peft_model(copy.deepcopy(base), config())
-        for i in range(1, adapters):
-            model.add_adapter(f"mix{i}", config())
-    return model.eval()
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+DEVICE = "cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu"
+S = shapes_for(DEVICE, quick=False)
 
 
-def _median_s(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--adapters", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--tiny", action="store_true",
-                        help="the tiny Llama (hidden 64) of `fastpeft bench --quick`")
-    args = parser.parse_args()
-    import peft
-
-    torch.set_num_threads(1)
-    base = load_model(None, "cpu", quick=args.tiny)
-    names = ["default"] + [f"mix{i}" for i in range(1, args.adapters)]
-    rows = [names[i % len(names)] for i in range(args.rows)]
+@pytest.fixture(scope="module")
+def layer():
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (args.rows, args.seq), generator=g)
-    results = {}
-    for lib in (fastpeft, peft):
-        model = _model(lib, base, args.adapters)  # outside inference mode: a trainable-style model
-        with torch.inference_mode():
-            prefill = _median_s(lambda: model(input_ids=ids, adapter_names=rows, use_cache=False), args.repeat)
-            out = model(input_ids=ids, adapter_names=rows, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-            def step():
-                model(input_ids=token, adapter_names=rows, past_key_values=cache, use_cache=True)
-                cache.crop(-1)
-
-            results[lib.__name__] = (prefill, _median_s(step, args.repeat))
-    model_name = f"{'tiny' if args.tiny else 'bench'} Llama (hidden {base.config.hidden_size})"
-    print(f"cpu, 1 thread, {model_name}: {args.rows} rows over {args.adapters} adapters (r=16, all linears), "
-          f"prefill of {args.seq} tokens/row and one decode step; median of {args.repeat}")
-    for phase, i in (("prefill", 0), ("decode", 1)):
-        ours, theirs = results["fastpeft"][i], results["peft"][i]
-        print(f"{phase:8s} fastpeft {ours * 1e3:8.2f} ms   peft {theirs * 1e3:8.2f} ms   "
-              f"peft / fastpeft = {theirs / ours:.2f}x")
+    weight = (torch.randn(S.n, S.k, generator=g) * S.k ** -0.5).to(DEVICE, S.torch_dtype)
+    bias = (torch.randn(S.n, generator=g) * 0.1).to(DEVICE, S.torch_dtype)
+    adapters = make_adapters(S, S.adapters, DEVICE, seed=1)
+    stride = S.registered // S.adapters
+    others = iter(make_adapters(S, S.registered - S.adapters, DEVICE, seed=2))
+    registered = [adapters[i // stride] if i % stride == 0 and i // stride < S.adapters else next(others)
+                  for i in range(S.registered)]
+    peft_fn, status, _ = peft_mixed_layer(S, weight, bias, adapters, DEVICE)
+    return dict(weight=weight, bias=bias, adapters=adapters, bank=make_bank(S, adapters, DEVICE),
+                big=make_bank(S, registered, DEVICE), stride=stride, peft=peft_fn, peft_status=status)
 
 
-if __name__ == "__main__":
-    main()
+@pytest.fixture(scope="module", params=["decode", "prefill"])
+def batch(request, layer):
+    rows, seq = (S.decode_rows, 1) if request.param == "decode" else S.prefill
+    ids = [i % S.adapters for i in range(rows)]
+    x = torch.randn(rows, seq, S.k, generator=torch.Generator().manual_seed(3)).to(DEVICE, S.torch_dtype)
+    return dict(phase=f"{request.param} {rows}x{seq}", x=x, ids=ids, groups=TokenGroups(ids, seq, DEVICE),
+                big_groups=TokenGroups([i * layer["stride"] for i in ids], seq, DEVICE))
+
+
+def _run(benchmark, batch, name, fn):
+    benchmark.group = f"multi-lora {DEVICE} {S.dtype} {batch['phase']} K=N={S.k} {S.adapters} adapters"
+    benchmark.name = name
+    benchmark.extra_info.update(device=DEVICE)
+
+    def step():
+        with torch.no_grad():
+            y = fn()
+        _sync()
+        return y
+
+    step()  # warm-up: autotuning and lazy initialisation stay out of the timings
+    y = benchmark(step)
+    assert y.shape == (*batch["x"].shape[:-1], S.n) and torch.isfinite(y).all()
+
+
+def test_base(benchmark, layer, batch):
+    _run(benchmark, batch, "base", lambda: F.linear(batch["x"], layer["weight"], layer["bias"]))
+
+
+def test_single_adapter(benchmark, layer, batch):
+    a, b, scaling = max(layer["adapters"], key=lambda t: t[0].shape[0])
+    _run(benchmark, batch, "one adapter", lambda: ops.lora_linear(batch["x"], layer["weight"], layer["bias"], a, b,
+                                                                   scaling))
+
+
+def test_fastpeft(benchmark, layer, batch):
+    _run(benchmark, batch, "fastpeft", lambda: ops.multi_lora_linear(batch["x"], layer["weight"], layer["bias"],
+                                                                      layer["bank"], batch["groups"]))
+
+
+def test_fastpeft_among_registered(benchmark, layer, batch):
+    _run(benchmark, batch, f"fastpeft among {S.registered}", lambda: ops.multi_lora_linear(
+        batch["x"], layer["weight"], layer["bias"], layer["big"], batch["big_groups"]))
+
+
+def test_peft(benchmark, layer, batch):
+    if layer["peft"] is None:
+        pytest.skip(f"peft: {layer['peft_status']}")
+    names = [f"a{i}" for i in batch["ids"]]
+    _run(benchmark, batch, "peft", lambda: layer["peft"](batch["x"], names))

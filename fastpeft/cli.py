@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="the inference latency penalty of PEFT methods on this device",
         description="Kernels: time base F.linear, merged W+sBA, PEFT's eager unfused LoRA, real "
                     "peft's LoraLayer and fastpeft.ops.lora_linear at decode and prefill M. "
+                    "NF4: the 4-bit layer against dense and bitsandbytes. Multi: mixed-adapter "
+                    "batches against one adapter and against peft's adapter_names=. "
                     "Methods: every method in a whole model (prefill, decode) against the bare "
                     "model, fastpeft and real peft side by side. Prints Markdown tables (and "
                     "with --out writes results.json, results.md, plot.png).")
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU only: torch intra-op threads while timing (default 1)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     b.add_argument("--sections", type=_names, metavar="A,B",
-                   help="comma-separated subset of: kernels, nf4, methods, training (default: all)")
+                   help="comma-separated subset of: kernels, nf4, multi, methods, training (default: all)")
     b.add_argument("--methods", type=_names, metavar="A,B",
                    help="comma-separated methods for the methods section (default: all)")
     b.add_argument("--model", metavar="PATH",

@@ -333,7 +333,7 @@ def multi_lora_grouped_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lor
     (`multi_lora_segment_slots` of this batch) are computed here when None: the kernel's
     arguments carry no such things; the CPU path passes cached copies. No host sync.
     """
-    M, N = x2d.shape[0], weight.shape[0]
+    M = x2d.shape[0]
     xf, wf = x2d.float(), weight.float()
     if num_segments == 0 or M == 0 or max_segment == 0 or lora_a.shape[0] == 0:  # an empty bank: base only
         return F.linear(xf, wf, None if bias is None else bias.float()).to(x2d.dtype)

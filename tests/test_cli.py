@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastpeft import bench
-from fastpeft.bench import layer, methods, training, nf4
+from fastpeft.bench import layer, methods, multi, nf4, training
 from fastpeft.cli import main
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
@@ -74,6 +74,7 @@ def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
     assert result["kernels"]["copy_gbps"] is None
 
     nf4_rows, quant_rows = _check_nf4_section(result["nf4"])
+    multi_rows = _check_multi_section(result["multi"])
 
     md = (out / "results.md").read_text()
     summary = result["device"]["summary"]
@@ -82,9 +83,10 @@ def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
     table = [line for line in std.out.splitlines() if line.startswith("| ")]
     method_rows = result["methods"]["rows"]
     others = sum(len(v["rows"]) for k, v in result.items()  # sections other engineers add
-                 if k not in ("kernels", "nf4", "methods") and isinstance(v, dict) and "rows" in v)
+                 if k not in ("kernels", "nf4", "multi", "methods") and isinstance(v, dict) and "rows" in v)
     # one header line per table, one line per row
-    assert len(table) == len(heads) + len(rows) + len(nf4_rows) + len(quant_rows) + len(method_rows) + others
+    assert len(table) == (len(heads) + len(rows) + len(nf4_rows) + len(quant_rows) + len(multi_rows)
+                          + len(method_rows) + others)
     phases = {r["phase"] for r in method_rows}
     assert len(phases) == 3  # prefill, decode at two batch sizes
     timed = {(r["method"], r["impl"], r["phase"]) for r in method_rows if r["status"] == "ok"}
@@ -113,6 +115,26 @@ def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
         assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert not (out / "plot.png").exists() and "matplotlib is not installed" in std.err
+
+
+def _check_multi_section(section):
+    """Every layer impl in both phases and both libraries' model rows, checked and timed (peft: or
+    "not installed"), with the ratios against base and peft. Returns the rows."""
+    rows = section["rows"]
+    layer_rows = [r for r in rows if r["part"] == "layer"]
+    assert {r["impl"] for r in layer_rows} == set(multi.IMPLS) and len({r["phase"] for r in layer_rows}) == 2
+    assert {(r["part"], r["impl"]) for r in rows if r["part"] == "model"} == {("model", "fastpeft"), ("model", "peft")}
+    for r in rows:
+        if r["impl"] == "peft" and not HAS_PEFT:
+            assert r["status"] == "not installed" and r["median_us"] is None
+            continue
+        assert r["status"] == "ok", r
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("median_us", "min_us", "max_us")), r
+        assert r["min_us"] <= r["median_us"] <= r["max_us"] and r["samples"] >= 5
+        assert r["timing"] == "wall clock"
+        assert (r["vs_base"] is not None) == (r["part"] == "layer")
+        assert (r["vs_peft"] is not None) == HAS_PEFT
+    return rows
 
 
 def _check_nf4_section(section):
@@ -173,10 +195,10 @@ def test_bench_without_peft_or_matplotlib_says_so_never_a_number(tmp_path, capsy
     assert main(["bench", "--quick", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     result = json.loads((out / "results.json").read_text())
-    rows = result["kernels"]["rows"] + result["methods"]["rows"]
+    rows = result["kernels"]["rows"] + result["methods"]["rows"] + result["multi"]["rows"]
     peft_rows = [r for r in rows if r["impl"].startswith("peft")]
     assert peft_rows and all(r["status"] == "not installed" and r["median_us"] is None
-                             and r["penalty"] is None for r in peft_rows)
+                             and r.get("penalty", r.get("vs_base")) is None for r in peft_rows)
     md = (out / "results.md").read_text()
     assert "| peft LoraLayer | not installed |" in md and "| lora | peft | not installed |" in md
     assert all(r["status"] == "ok" for r in rows if not r["impl"].startswith("peft"))

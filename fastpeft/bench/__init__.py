@@ -1,9 +1,11 @@
 """`fastpeft bench`: the inference latency penalty of PEFT methods, measured on this device.
 
-Four sections, each compared against real peers in the same run:
+Five sections, each compared against real peers in the same run:
   kernels  one LoRA linear layer: base GEMM, merged, PEFT's eager recipe, peft, fastpeft (layer.py);
   nf4      one NF4 layer: dense, dequantize-then-matmul, bitsandbytes, fastpeft's fused kernel and
            the fused QLoRA layer, with bandwidth on CUDA and quantize time on the CPU (nf4.py);
+  multi    mixed-adapter batches (`adapter_names=`): one layer over many adapters against one
+           adapter, against many registered, against peft's loop, and a whole model (multi.py);
   methods  every method in a whole model: prefill and decode against the bare model (methods.py);
   training one optimizer step of LoRA, DoRA and QLoRA models, fastpeft vs peft (training.py).
 Timing: on CUDA `triton.testing.do_bench` (device time, warm-up excluded, L2 flushed), and for
@@ -18,12 +20,12 @@ import time
 
 import torch
 
-from fastpeft.bench import layer, methods, nf4, training
+from fastpeft.bench import layer, methods, multi, nf4, training
 from fastpeft.bench.env import BenchError, check_device, describe_device, interpreting, ops_backend, package_versions, prepare_out
 from fastpeft.bench.report import format_tables, write_outputs
 from fastpeft.bench.timing import Progress
 
-SECTIONS = ("kernels", "nf4", "methods", "training")
+SECTIONS = ("kernels", "nf4", "multi", "methods", "training")
 
 __all__ = [
     "SECTIONS", "BenchError", "check_device", "check_sections", "describe_device", "format_tables",
@@ -64,6 +66,8 @@ def run(
         total = (layer.steps(quick, device) if "kernels" in sections else 0) + (
             methods.steps(names, device, quick) if "methods" in sections else 0
         ) + (nf4.steps(quick, device) if "nf4" in sections else 0) + (
+            multi.steps(quick) if "multi" in sections else 0
+        ) + (
             training.steps(names) if "training" in sections else 0
         )
         bar = Progress(total, enabled=progress)
@@ -86,6 +90,8 @@ def run(
             result["kernels"] = layer.run(device, quick, bar)
         if "nf4" in sections:
             result["nf4"] = nf4.run(device, quick, bar)
+        if "multi" in sections:
+            result["multi"] = multi.run(device, quick, bar)
         if "methods" in sections or "training" in sections:
             base = model if model is not None else methods.load_model(None, device, quick)
         if "methods" in sections:

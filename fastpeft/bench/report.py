@@ -110,6 +110,29 @@ def nf4_table(result: dict) -> list[str]:
     return out
 
 
+def multi_table(result: dict) -> list[str]:
+    section, dev = result["multi"], result["device"]
+    s = section["shapes"]
+    head = (
+        f"**Mixed-adapter batches on {dev['summary']}** — layer {s['n']}x{s['k']} {s['dtype']}: row i on adapter "
+        f"i % {s['adapters']} (ranks {'/'.join(map(str, s['ranks']))}), {s['registered']} registered; model: "
+        f"{s['model_adapters']} adapters r=16 on every linear; latency in µs "
+        f"({'device time by do_bench, launches included' if dev['type'] == 'cuda' else 'wall clock, rows sampled in turn'}"
+        "; median, min–max); vs base = median / base median; peft / this = how many times faster than peft"
+    )
+    cols = ["part", "phase", "implementation", "median µs", "min–max µs", "vs base", "peft / this"]
+    rows = []
+    for r in section["rows"]:
+        cells = [r["part"], r["phase"], r["label"]]
+        if r["median_us"] is None:
+            cells += [r["status"], "—", "—", "—"]
+        else:
+            cells += [_fmt(r["median_us"]), f"{_fmt(r['min_us'])}–{_fmt(r['max_us'])}", _ratio(r["vs_base"]),
+                      _ratio(r["vs_peft"])]
+        rows.append(cells)
+    return [head, ""] + _table(cols, rows)
+
+
 def methods_table(result: dict) -> list[str]:
     section, dev = result["methods"], result["device"]
     s = section["shape"]
@@ -163,6 +186,8 @@ def format_tables(result: dict) -> str:
         parts += kernel_table(result) + [""]
     if "nf4" in result:
         parts += nf4_table(result) + [""]
+    if "multi" in result:
+        parts += multi_table(result) + [""]
     if "methods" in result:
         parts += methods_table(result) + [""]
     if "training" in result:
@@ -208,7 +233,7 @@ def _bars(ax, groups: list[str], series: dict[str, list[float | None]], title: s
 
 
 def _plot(result: dict, path: Path) -> str | None:
-    """Penalty bars: kernels grouped by M, methods grouped by phase. Returns why it was skipped."""
+    """Penalty bars: kernels grouped by M, mixed batches and methods by phase. Returns why it was skipped."""
     try:
         import matplotlib
 
@@ -216,7 +241,7 @@ def _plot(result: dict, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: skipping the plot (pip install -e \".[bench]\")"
-    sections = [k for k in ("kernels", "nf4", "methods") if k in result]
+    sections = [k for k in ("kernels", "nf4", "multi", "methods") if k in result]
     fig, axes = plt.subplots(1, len(sections), figsize=(10 * len(sections), 4.5), squeeze=False)
     for ax, name in zip(axes[0], sections):
         rows = result[name]["rows"]
@@ -239,6 +264,16 @@ def _plot(result: dict, path: Path) -> str | None:
                 for label in labels
             }
             _bars(ax, [f"{lay} M={m}" for lay, m in groups], series, "NF4 layer, latency / dense")
+        elif name == "multi":
+            rows = [r for r in rows if r["part"] == "layer"]
+            groups = list(dict.fromkeys(r["phase"] for r in rows))
+            labels = dict.fromkeys(r["label"] for r in rows if r["impl"] != "base")
+            series = {
+                label: [next((r["vs_base"] for r in rows if r["label"] == label and r["phase"] == p), None)
+                        for p in groups]
+                for label in labels
+            }
+            _bars(ax, groups, series, "mixed-adapter batch, one layer")
         else:
             groups = list(dict.fromkeys(r["phase"] for r in rows))
             keys = list(dict.fromkeys((r["method"], r["impl"]) for r in rows if r["method"] != "base"))

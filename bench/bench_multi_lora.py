@@ -39,7 +39,7 @@ def layer():
     others = iter(make_adapters(S, S.registered - S.adapters, DEVICE, seed=2))
     registered = [adapters[i // stride] if i % stride == 0 and i // stride < S.adapters else next(others)
                   for i in range(S.registered)]
-    peft_fn, status, _ = peft_mixed_layer(S, weight, bias, adapters, DEVICE)
+    peft_fn, status, _, _ = peft_mixed_layer(S, weight, bias, adapters, DEVICE)
     return dict(weight=weight, bias=bias, adapters=adapters, bank=make_bank(S, adapters, DEVICE),
                 big=make_bank(S, registered, DEVICE), stride=stride, peft=peft_fn, peft_status=status)
 

@@ -207,3 +207,19 @@ def test_tiny_model_decode_step_is_timed_from_a_graph():
             median, lo, hi, n = methods._time_cuda_case(call, methods._Decode, 4, True, row)
             assert (row.timing, row.timing_note) == (timing.GRAPH, None), row
             assert 0 < lo <= median <= hi and row.eager_us > 0 and row.peak_mem_mib > 0
+
+
+@pytest.mark.gpu
+def test_multi_section_on_cuda_checks_times_and_reports_bandwidth():
+    """The mixed-adapter section on the Triton kernels: every fastpeft row checked and timed, the
+    layer rows with bandwidth figures (peft: timed too when installed)."""
+    from fastpeft.bench import multi
+
+    result = multi.run("cuda", quick=True, bar=timing.Progress(1, enabled=False))
+    assert result["copy_gbps"] > 0
+    for r in result["rows"]:
+        if r["impl"] == "peft" and r["status"] == "not installed":
+            continue
+        assert r["status"] == "ok" and r["timing"] == timing.DO_BENCH and r["median_us"] > 0, r
+        if r["part"] == "layer":
+            assert r["gbps"] > 0 and r["copy_frac"] > 0, r

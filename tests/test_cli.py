@@ -134,6 +134,9 @@ def _check_multi_section(section):
         assert r["timing"] == "wall clock"
         assert (r["vs_base"] is not None) == (r["part"] == "layer")
         assert (r["vs_peft"] is not None) == HAS_PEFT
+        assert (r["bytes"] is not None and r["bytes"] > 0) == (r["part"] == "layer")
+        assert r["gbps"] is None and r["copy_frac"] is None  # bandwidth: CUDA only
+    assert section["copy_gbps"] is None
     return rows
 
 

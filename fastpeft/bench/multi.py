@@ -20,8 +20,10 @@ Each output is checked against an fp32 reference (layer: computed per adapter he
 logits) before anything is timed: a wrong one gets a status, not a number. Ratios: `vs base` =
 median / base median (layer), `peft / this` = peft's median / this row's median (how many times
 faster than peft). CUDA: do_bench for every row, eager launches included (peft's mixed path
-synchronises with the host, so no row is graph-timed here: all are timed alike); CPU: the rows of
-a phase are sampled in turn (timing.time_cpu), so noise on a busy machine hits them alike.
+synchronises with the host, so no row is graph-timed here: all are timed alike), and each layer
+row's bandwidth: its compulsory bytes (`layer.lora_bytes`, every adapter the batch uses read
+once) over the median, as a fraction of a device-to-device copy timed in the same run. CPU: the
+rows of a phase are sampled in turn (timing.time_cpu), so noise on a busy machine hits them alike.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastpeft.bench import timing
+from fastpeft.bench import layer, timing
 from fastpeft.bench.timing import Progress
 
 IMPLS = ("base", "single", "fastpeft", "registered", "peft")
@@ -84,6 +86,9 @@ class Row:
     timing: str | None = None
     vs_base: float | None = None
     vs_peft: float | None = None  # peft's median / this median
+    bytes: int | None = None  # layer rows: compulsory bytes (layer.lora_bytes, each adapter's factors once)
+    gbps: float | None = None  # CUDA only: bytes / median, and that over a device-to-device copy's
+    copy_frac: float | None = None
 
 
 def steps(quick: bool) -> int:
@@ -111,12 +116,13 @@ def make_bank(s: Shapes, adapters: list, device: str):
     return bank
 
 
-def peft_mixed_layer(s: Shapes, weight, bias, adapters, device: str) -> tuple[Callable | None, str, str]:
-    """(fn(x, names), status, label): real peft's lora.Linear holding `adapters` as a0, a1, ..."""
+def peft_mixed_layer(s: Shapes, weight, bias, adapters, device: str) -> tuple[Callable | None, str, str, int]:
+    """(fn(x, names), status, label, bytes per element of its LoRA factors): real peft's
+    lora.Linear holding `adapters` as a0, a1, ... (peft keeps its own factor dtype)."""
     try:
         import peft
     except ModuleNotFoundError as e:
-        return None, "not installed" if e.name == "peft" else f"unavailable: {e}", "peft"
+        return None, "not installed" if e.name == "peft" else f"unavailable: {e}", "peft", 0
     label = f"peft {peft.__version__} lora.Linear, adapter_names="
 
     class _One(torch.nn.Module):
@@ -145,9 +151,10 @@ def peft_mixed_layer(s: Shapes, weight, bias, adapters, device: str) -> tuple[Ca
                 lin.lora_A[f"a{i}"].weight.copy_(a)
                 lin.lora_B[f"a{i}"].weight.copy_(b)
         model.eval()
-        return (lambda x, names: model(x, adapter_names=names)), "ok", label
+        elt = lin.lora_A["a0"].weight.element_size()
+        return (lambda x, names: model(x, adapter_names=names)), "ok", label, elt
     except Exception as e:  # noqa: BLE001  (a peer that fails is reported, not fatal)
-        return None, f"error: {type(e).__name__}: {e}", label
+        return None, f"error: {type(e).__name__}: {e}", label, 0
 
 
 def _reference(x, weight, bias, adapters, ids: list[int] | None) -> torch.Tensor:
@@ -188,7 +195,7 @@ def _ratios(rows: dict) -> None:
             row.vs_peft = peft.median_us / row.median_us
 
 
-def _layer_part(s: Shapes, device: str, quick: bool, bar: Progress) -> list[Row]:
+def _layer_part(s: Shapes, device: str, quick: bool, bar: Progress, copy_bw: float | None) -> list[Row]:
     from fastpeft import ops
     from fastpeft.multi import TokenGroups
 
@@ -204,7 +211,8 @@ def _layer_part(s: Shapes, device: str, quick: bool, bar: Progress) -> list[Row]
                     for i in range(s.registered)], device)
     top = max(range(s.adapters), key=lambda i: adapters[i][0].shape[0])
     a1, b1, sc1 = adapters[top]
-    peft_fn, peft_status, peft_label = peft_mixed_layer(s, weight, bias, adapters, device)
+    peft_fn, peft_status, peft_label, peft_elt = peft_mixed_layer(s, weight, bias, adapters, device)
+    elt = s.torch_dtype.itemsize
     labels = {
         "base": "base F.linear",
         "single": f"fastpeft ops.lora_linear, one adapter r={a1.shape[0]}",
@@ -221,6 +229,9 @@ def _layer_part(s: Shapes, device: str, quick: bool, bar: Progress) -> list[Row]
         groups = TokenGroups(ids, seq, device)
         big_groups = TokenGroups([i * stride for i in ids], seq, device)
         names = [f"a{i}" for i in ids]
+        batch_rank = sum(adapters[i][0].shape[0] for i in set(ids))  # each adapter's factors read once
+        factors = {"base": (0, None), "single": (a1.shape[0], elt), "fastpeft": (batch_rank, elt),
+                   "registered": (batch_rank, elt), "peft": (batch_rank, peft_elt)}
         fns = {
             "base": (lambda: F.linear(x, weight, bias), None),
             "single": (lambda: ops.lora_linear(x, weight, bias, a1, b1, sc1), [top] * rows_n),
@@ -245,6 +256,10 @@ def _layer_part(s: Shapes, device: str, quick: bool, bar: Progress) -> list[Row]
                     here[impl].status = f"error: {type(e).__name__}: {e}"
             _time(device, calls, s.budget_s, quick, here, bar, name)
         _ratios(here)
+        for impl, row in here.items():
+            rank, lora_elt = factors[impl]
+            row.bytes = layer.lora_bytes(rows_n * seq, s.k, s.n, rank, elt, lora_elt)
+            row.gbps, row.copy_frac = timing.bandwidth(row.bytes, row.median_us, copy_bw)
         out.extend(here.values())
     return out
 
@@ -309,5 +324,6 @@ def _model_part(s: Shapes, device: str, quick: bool, bar: Progress) -> list[Row]
 def run(device: str, quick: bool, bar: Progress) -> dict:
     """{"shapes", "rows"}: the layer part's rows, then the model part's."""
     s = shapes_for(device, quick)
-    rows = _layer_part(s, device, quick, bar) + _model_part(s, device, quick, bar)
-    return {"shapes": asdict(s), "rows": [asdict(r) for r in rows]}
+    copy_bw = timing.copy_gbps(device, quick)
+    rows = _layer_part(s, device, quick, bar, copy_bw) + _model_part(s, device, quick, bar)
+    return {"shapes": asdict(s), "copy_gbps": copy_bw, "rows": [asdict(r) for r in rows]}

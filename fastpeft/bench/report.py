@@ -119,16 +119,20 @@ def multi_table(result: dict) -> list[str]:
         f"{s['model_adapters']} adapters r=16 on every linear; latency in µs "
         f"({'device time by do_bench, launches included' if dev['type'] == 'cuda' else 'wall clock, rows sampled in turn'}"
         "; median, min–max); vs base = median / base median; peft / this = how many times faster than peft"
+        + ("; bandwidth = compulsory bytes (each adapter's factors once) / median, % of a device-to-device copy "
+           f"at {section['copy_gbps']:.0f} GB/s" if section["copy_gbps"] else "")
     )
-    cols = ["part", "phase", "implementation", "median µs", "min–max µs", "vs base", "peft / this"]
+    cols = ["part", "phase", "implementation", "median µs", "min–max µs", "vs base", "peft / this", "GB/s",
+            "% of copy"]
     rows = []
     for r in section["rows"]:
         cells = [r["part"], r["phase"], r["label"]]
         if r["median_us"] is None:
-            cells += [r["status"], "—", "—", "—"]
+            cells += [r["status"]] + ["—"] * (len(cols) - 4)
         else:
             cells += [_fmt(r["median_us"]), f"{_fmt(r['min_us'])}–{_fmt(r['max_us'])}", _ratio(r["vs_base"]),
-                      _ratio(r["vs_peft"])]
+                      _ratio(r["vs_peft"])] + (_bandwidth_cells(r, section["copy_gbps"]) if r["part"] == "layer"
+                                               else ["—", "—"])
         rows.append(cells)
     return [head, ""] + _table(cols, rows)
 

@@ -1,19 +1,23 @@
-"""Shared by the prompt-learning parity tests: twins built on identical models, and the oracles.
+"""Shared by the method tests: the prompt-learning parity twins and oracles, and the QLoRA bases.
 
-Real `peft` is the oracle for structure, checkpoints and forward. Its `generate` is not: peft 0.21
-drives prompt learning through `prepare_input_for_generation` arguments that transformers 5 no
-longer passes, so its later decode steps are wrong here. Generation is therefore checked against
-greedy decoding by repeated full forwards of the real peft model (no cache involved).
+Prompt learning: real `peft` is the oracle for structure, checkpoints and forward. Its `generate`
+is not: peft 0.21 drives prompt learning through `prepare_input_for_generation` arguments that
+transformers 5 no longer passes, so its later decode steps are wrong here. Generation is therefore
+checked against greedy decoding by repeated full forwards of the real peft model (no cache involved).
 """
 
 import copy
 import os
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 import fastpeft
+from fastpeft.methods.lora import NF4LoraLinear
+from fastpeft.quant.nf4 import Linear4bit, NF4Config, quantize_model
 
 peft = pytest.importorskip("peft")
 
@@ -217,3 +221,46 @@ def pl_check_mixed_batch():
                 assert torch.equal(out[row : row + 1], single)
 
     return check
+
+
+# -- QLoRA: our NF4 bases, and the same codes in bitsandbytes layers for real peft ---------------
+# blocksize 32: with the tiny llama's K = 32, blocksize 64 hits bnb 0.50's CPU dequantize bug
+# (tests/quant/test_nf4.py::test_bnb_cpu_dequantize_bug_is_theirs).
+NF4_CONFIG = NF4Config(blocksize=32, double_quant=True, compute_dtype=torch.float32)
+
+
+def _bnb_copy(quantized: nn.Module) -> nn.Module:
+    """The same model with each fastpeft Linear4bit replaced by a bnb Linear4bit loaded from its
+    state dict (the very same codes and statistics), as transformers loads a prequantized model."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = copy.deepcopy(quantized)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):
+            sd = module.state_dict()
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+            stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+            layer.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", module=layer)
+            if module.bias is not None:
+                layer.bias = nn.Parameter(sd["bias"])
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def _nf4_base(peft_model) -> nn.Module:
+    """The NF4 base alone of a fastpeft PEFT model (adapter layers unwrapped), a deep copy."""
+    model = copy.deepcopy(peft_model.base_model.model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4LoraLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.base_layer)
+    return model
+
+
+@pytest.fixture(scope="session")
+def nf4(make_model):
+    """`nf4.llama()`: the tiny Llama quantized here (NF4_CONFIG); `nf4.bnb_copy(model)`: the same
+    codes in bitsandbytes layers (skips without bitsandbytes); `nf4.base(peft_model)`: its NF4 base."""
+    return SimpleNamespace(llama=lambda: quantize_model(make_model("llama"), NF4_CONFIG),
+                           bnb_copy=_bnb_copy, base=_nf4_base)

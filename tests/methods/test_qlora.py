@@ -1,39 +1,15 @@
 """QLoRA: LoRA over an NF4 base, against real peft over the same codes in bitsandbytes layers."""
-import copy
-
 import pytest
 import torch
-from torch import nn
 
 import fastpeft
 from fastpeft.methods.lora import NF4LoraLinear
-from fastpeft.quant.nf4 import Linear4bit, NF4Config, quantize_model
+from fastpeft.quant.nf4 import Linear4bit
 
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-# blocksize 32: with the tiny llama's K = 32, blocksize 64 hits bnb 0.50's CPU dequantize bug
-# (tests/quant/test_nf4.py::test_bnb_cpu_dequantize_bug_is_theirs).
-CONFIG = NF4Config(blocksize=32, double_quant=True, compute_dtype=torch.float32)
-
-
-def _bnb_copy(quantized: nn.Module) -> nn.Module:
-    """The same model with each fastpeft Linear4bit replaced by a bnb Linear4bit loaded from its
-    state dict (the very same codes and statistics), as transformers loads a prequantized model."""
-    model = copy.deepcopy(quantized)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):
-            sd = module.state_dict()
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4")
-            stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
-            layer.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", module=layer)
-            if module.bias is not None:
-                layer.bias = nn.Parameter(sd["bias"])
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
-    return model
 
 
 def _randomize_lora(model, seed=0):
@@ -45,9 +21,8 @@ def _randomize_lora(model, seed=0):
 
 
 @pytest.fixture
-def qlora(make_model):
-    base = quantize_model(make_model("llama"), CONFIG)
-    model = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+def qlora(nf4):
+    model = fastpeft.get_peft_model(nf4.llama(), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     _randomize_lora(model)
     return model
 
@@ -57,14 +32,10 @@ def test_layers_are_fused_nf4_lora(qlora):
     assert len(layers) == 6 and all(isinstance(m.base_layer, Linear4bit) for m in layers)
 
 
-def test_matches_real_peft_on_bnb_layers(qlora, make_inputs, run_model, tmp_path):
+def test_matches_real_peft_on_bnb_layers(qlora, nf4, make_inputs, run_model, tmp_path):
     inputs = make_inputs("llama")
-    bnb_base = _bnb_copy(qlora.base_model.model)  # still has our LoRA layers: unwrap them
-    for name, module in list(bnb_base.named_modules()):
-        if isinstance(module, NF4LoraLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(bnb_base.get_submodule(parent), child, module.base_layer)
-    theirs = peft.get_peft_model(bnb_base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    theirs = peft.get_peft_model(nf4.bnb_copy(nf4.base(qlora)),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     # peft 0.21 on a CPU wraps bnb's Linear4bit in its generic lora.Linear (base_layer(x) + LoRA,
     # the same forward as its bnb layer); what matters is that the base layers are bnb's
     wrapped = [m.base_layer for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
@@ -78,18 +49,8 @@ def test_matches_real_peft_on_bnb_layers(qlora, make_inputs, run_model, tmp_path
 
     # a PEFT-format adapter written here loads in real peft on the bnb-quantized base
     qlora.save_pretrained(tmp_path)
-    fresh = peft.PeftModel.from_pretrained(_bnb_copy(quantize_model_base(qlora)), tmp_path).train()
+    fresh = peft.PeftModel.from_pretrained(nf4.bnb_copy(nf4.base(qlora)), tmp_path).train()
     torch.testing.assert_close(run_model(fresh, inputs), run_model(qlora, inputs), atol=1e-5, rtol=1e-5)
-
-
-def quantize_model_base(qlora):
-    """The NF4 base alone (adapter layers unwrapped), a deep copy."""
-    model = copy.deepcopy(qlora.base_model.model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, NF4LoraLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.base_layer)
-    return model
 
 
 def test_training_step_changes_only_adapters(qlora, make_inputs):

@@ -1,6 +1,6 @@
 """DoRA and AdaLoRA over an NF4 base, against real peft over the same codes in bitsandbytes layers.
 
-The oracle is built as in tests/methods/test_qlora.py: the same model with every fastpeft
+The oracle is `nf4.bnb_copy` (tests/methods/conftest.py): the same model with every fastpeft
 `Linear4bit` swapped for a `bitsandbytes.nn.Linear4bit` holding the very same codes and statistics
 (blocksize 32, and peft's side runs in train mode, bnb's exact CPU path; nothing drops out unless
 a test asks for lora_dropout). peft 0.21 on a CPU wraps bnb's layers in its generic `lora.Linear` /
@@ -8,8 +8,6 @@ a test asks for lora_dropout). peft 0.21 on a CPU wraps bnb's layers in its gene
 either there (its DoRA merge fails on a CPU `Params4bit`, its `SVDLinear4bit` has no merge): our
 merges are checked against the exact merge formula re-quantized.
 """
-import importlib.util
-import pathlib
 import warnings
 
 import pytest
@@ -20,17 +18,10 @@ import fastpeft
 from fastpeft import ops
 from fastpeft.methods.adalora import SVDLinear
 from fastpeft.methods.lora import NF4LoraLinear
-from fastpeft.quant.nf4 import Linear4bit, quantize_model
+from fastpeft.quant.nf4 import Linear4bit
 
 peft = pytest.importorskip("peft")
-bnb = pytest.importorskip("bitsandbytes")
-
-# The bnb oracle builders of the QLoRA tests (pytest's importlib mode: test files do not import
-# each other by name, so load that one from its path).
-_spec = importlib.util.spec_from_file_location("_qlora_oracle", pathlib.Path(__file__).with_name("test_qlora.py"))
-_qlora = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_qlora)
-CONFIG, _bnb_copy, quantize_model_base = _qlora.CONFIG, _qlora._bnb_copy, _qlora.quantize_model_base
+pytest.importorskip("bitsandbytes")  # every oracle here is bnb layers (nf4.bnb_copy)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -40,10 +31,6 @@ def _quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args, **kwargs)
-
-
-def _nf4_llama(make_model):
-    return quantize_model(make_model("llama"), CONFIG)
 
 
 def _grads(model):
@@ -62,24 +49,24 @@ def dora_kwargs(**extra):
     return {**dict(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, target_modules=TARGETS), **extra}
 
 
-def dora_pair(make_model, **extra):
+def dora_pair(nf4, **extra):
     """Our NF4 DoRA model (m moved off its init) and peft's on bnb layers, same adapter weights."""
-    ours = fastpeft.get_peft_model(_nf4_llama(make_model), fastpeft.LoraConfig(**dora_kwargs(**extra))).eval()
+    ours = fastpeft.get_peft_model(nf4.llama(), fastpeft.LoraConfig(**dora_kwargs(**extra))).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
-    theirs = _quiet(peft.get_peft_model, _bnb_copy(quantize_model_base(ours)), peft.LoraConfig(**dora_kwargs(**extra)))
+    theirs = _quiet(peft.get_peft_model, nf4.bnb_copy(nf4.base(ours)), peft.LoraConfig(**dora_kwargs(**extra)))
     result = theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
     assert not result.unexpected_keys
     return ours, theirs.train()
 
 
-def test_dora_layers_and_initial_magnitude_match_peft(make_model):
+def test_dora_layers_and_initial_magnitude_match_peft(nf4):
     kwargs = dora_kwargs(init_lora_weights=True)  # B = 0: m = ||dequant(W)|| whatever A is
-    ours = fastpeft.get_peft_model(_nf4_llama(make_model), fastpeft.LoraConfig(**kwargs))
-    theirs = _quiet(peft.get_peft_model, _bnb_copy(_nf4_llama(make_model)), peft.LoraConfig(**kwargs))
+    ours = fastpeft.get_peft_model(nf4.llama(), fastpeft.LoraConfig(**kwargs))
+    theirs = _quiet(peft.get_peft_model, nf4.bnb_copy(nf4.llama()), peft.LoraConfig(**kwargs))
     layers = [m for m in ours.modules() if isinstance(m, NF4LoraLinear)]
     assert len(layers) == 6 and all("default" in m.lora_magnitude_vector for m in layers)
     mine = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
@@ -91,8 +78,8 @@ def test_dora_layers_and_initial_magnitude_match_peft(make_model):
         torch.testing.assert_close(mine[key], ref[key], rtol=1e-6, atol=1e-6)
 
 
-def test_dora_outputs_match_peft(make_model, make_inputs, run_model):
-    ours, theirs = dora_pair(make_model)
+def test_dora_outputs_match_peft(nf4, make_inputs, run_model):
+    ours, theirs = dora_pair(nf4)
     inputs = make_inputs("llama")
     with torch.no_grad():
         expected = run_model(theirs, inputs)
@@ -104,8 +91,8 @@ def test_dora_outputs_match_peft(make_model, make_inputs, run_model):
     assert not torch.allclose(plain, expected, atol=1e-3), "the DoRA adapter must change the output"
 
 
-def test_dora_checkpoints_both_ways(make_model, make_inputs, run_model, tmp_path):
-    ours, theirs = dora_pair(make_model)
+def test_dora_checkpoints_both_ways(nf4, make_inputs, run_model, tmp_path):
+    ours, theirs = dora_pair(nf4)
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
     mine, ref = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
@@ -115,16 +102,16 @@ def test_dora_checkpoints_both_ways(make_model, make_inputs, run_model, tmp_path
     inputs = make_inputs("llama")
     with torch.no_grad():
         expected = run_model(ours.eval(), inputs)
-        here = fastpeft.PeftModel.from_pretrained(_nf4_llama(make_model), tmp_path / "theirs")
+        here = fastpeft.PeftModel.from_pretrained(nf4.llama(), tmp_path / "theirs")
         assert any(isinstance(m, NF4LoraLinear) for m in here.modules())
         torch.testing.assert_close(run_model(here, inputs), expected, **TOL)
-        there = _quiet(peft.PeftModel.from_pretrained, _bnb_copy(_nf4_llama(make_model)), tmp_path / "ours").train()
+        there = _quiet(peft.PeftModel.from_pretrained, nf4.bnb_copy(nf4.llama()), tmp_path / "ours").train()
         torch.testing.assert_close(run_model(there, inputs), expected, **TOL)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_dora_training_gradients_match_peft(dropout, make_model, make_inputs):
-    ours, theirs = dora_pair(make_model, lora_dropout=dropout)
+def test_dora_training_gradients_match_peft(dropout, nf4, make_inputs):
+    ours, theirs = dora_pair(nf4, lora_dropout=dropout)
     ours.train()
     inputs = make_inputs("llama")
     torch.testing.assert_close(_train_step(ours, inputs), _train_step(theirs, inputs), **TOL)
@@ -135,9 +122,9 @@ def test_dora_training_gradients_match_peft(dropout, make_model, make_inputs):
         torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_dora_fused_kernel_path_matches_peft(triton_backend, make_model, make_inputs, run_model):
+def test_dora_fused_kernel_path_matches_peft(triton_backend, nf4, make_inputs, run_model):
     """Forward and a training step through the NF4 Triton kernel (interpreter on a CPU)."""
-    ours, theirs = dora_pair(make_model)
+    ours, theirs = dora_pair(nf4)
     inputs = make_inputs("llama", batch=1, seq=5)
     with torch.no_grad():
         torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-4, atol=1e-5)
@@ -148,8 +135,8 @@ def test_dora_fused_kernel_path_matches_peft(triton_backend, make_model, make_in
         torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_dora_eval_cache_is_keyed_on_the_codes(make_model, make_inputs, run_model, monkeypatch):
-    ours, theirs = dora_pair(make_model)
+def test_dora_eval_cache_is_keyed_on_the_codes(nf4, make_inputs, run_model, monkeypatch):
+    ours, theirs = dora_pair(nf4)
     inputs = make_inputs("llama")
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     magnitude = layer.lora_magnitude_vector["default"]
@@ -169,8 +156,8 @@ def test_dora_eval_cache_is_keyed_on_the_codes(make_model, make_inputs, run_mode
         assert magnitude._factor[1] is not cached and calls
 
 
-def test_dora_merge_and_unmerge_requantize(make_model, make_inputs, run_model):
-    ours, _ = dora_pair(make_model)
+def test_dora_merge_and_unmerge_requantize(nf4, make_inputs, run_model):
+    ours, _ = dora_pair(nf4)
     inputs = make_inputs("llama")
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
@@ -214,23 +201,23 @@ def ada_kwargs(**extra):
                    target_modules=TARGETS), **extra}
 
 
-def ada_pair(make_model, nontrivial=True, **extra):
-    ours = fastpeft.get_peft_model(_nf4_llama(make_model), fastpeft.AdaLoraConfig(**ada_kwargs(**extra))).eval()
+def ada_pair(nf4, nontrivial=True, **extra):
+    ours = fastpeft.get_peft_model(nf4.llama(), fastpeft.AdaLoraConfig(**ada_kwargs(**extra))).eval()
     if nontrivial:  # E is zero at init: trained-looking singular values, some masked
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for name, p in ours.named_parameters():
                 if ".lora_E." in name:
                     p.copy_(torch.randn(p.shape, generator=g) * (torch.rand(p.shape, generator=g) > 0.2))
-    theirs = _quiet(peft.get_peft_model, _bnb_copy(_nf4_llama(make_model)), peft.AdaLoraConfig(**ada_kwargs(**extra)))
+    theirs = _quiet(peft.get_peft_model, nf4.bnb_copy(nf4.llama()), peft.AdaLoraConfig(**ada_kwargs(**extra)))
     result = theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k or "ranknum" in k},
                                     strict=False)
     assert not result.unexpected_keys
     return ours, theirs.train()
 
 
-def test_adalora_layers_outputs_and_checkpoints_match_peft(make_model, make_inputs, run_model, tmp_path):
-    ours, theirs = ada_pair(make_model)
+def test_adalora_layers_outputs_and_checkpoints_match_peft(nf4, make_inputs, run_model, tmp_path):
+    ours, theirs = ada_pair(nf4)
     layers = [m for m in ours.modules() if isinstance(m, SVDLinear)]
     assert len(layers) == 6 and all(isinstance(m.base_layer, Linear4bit) for m in layers)
     mine = {k: v.shape for k, v in ours.state_dict().items() if "lora_" in k or "ranknum" in k}
@@ -245,16 +232,16 @@ def test_adalora_layers_outputs_and_checkpoints_match_peft(make_model, make_inpu
         theirs.save_pretrained(tmp_path / "theirs")
         a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
-        here = fastpeft.PeftModel.from_pretrained(_nf4_llama(make_model), tmp_path / "theirs")
+        here = fastpeft.PeftModel.from_pretrained(nf4.llama(), tmp_path / "theirs")
         torch.testing.assert_close(run_model(here, inputs), expected, **TOL)
-        there = _quiet(peft.PeftModel.from_pretrained, _bnb_copy(_nf4_llama(make_model)), tmp_path / "ours").train()
+        there = _quiet(peft.PeftModel.from_pretrained, nf4.bnb_copy(nf4.llama()), tmp_path / "ours").train()
         torch.testing.assert_close(run_model(there, inputs), expected, **TOL)
 
 
-def test_adalora_training_allocates_the_same_ranks_as_peft(make_model, make_inputs, run_model, tmp_path):
+def test_adalora_training_allocates_the_same_ranks_as_peft(nf4, make_inputs, run_model, tmp_path):
     """Same init, data and SGD: same losses, gradients, budgets and masks at every step."""
     kwargs = dict(tinit=1, tfinal=2, total_step=6, deltaT=1, target_modules=["q_proj", "v_proj"])
-    ours, theirs = ada_pair(make_model, nontrivial=False, **kwargs)
+    ours, theirs = ada_pair(nf4, nontrivial=False, **kwargs)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (ours, theirs)]
     ours.train()
     masked_some = False
@@ -278,12 +265,12 @@ def test_adalora_training_allocates_the_same_ranks_as_peft(make_model, make_inpu
     ours.save_pretrained(tmp_path)
     inputs = make_inputs("llama")
     with torch.no_grad():
-        there = _quiet(peft.PeftModel.from_pretrained, _bnb_copy(_nf4_llama(make_model)), tmp_path).train()
+        there = _quiet(peft.PeftModel.from_pretrained, nf4.bnb_copy(nf4.llama()), tmp_path).train()
         torch.testing.assert_close(run_model(there, inputs), run_model(ours.eval(), inputs), rtol=1e-4, atol=1e-5)
 
 
-def test_adalora_fused_kernel_path_matches_peft(triton_backend, make_model, make_inputs, run_model):
-    ours, theirs = ada_pair(make_model)
+def test_adalora_fused_kernel_path_matches_peft(triton_backend, nf4, make_inputs, run_model):
+    ours, theirs = ada_pair(nf4)
     inputs = make_inputs("llama", batch=1, seq=5)
     with torch.no_grad():
         torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-4, atol=1e-5)
@@ -294,9 +281,9 @@ def test_adalora_fused_kernel_path_matches_peft(triton_backend, make_model, make
         torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_adalora_merge_on_nf4_requantizes(make_model, make_inputs, run_model):
+def test_adalora_merge_on_nf4_requantizes(nf4, make_inputs, run_model):
     """peft's SVDLinear4bit cannot merge; here the merge re-quantizes like the QLoRA merge."""
-    ours, _ = ada_pair(make_model)
+    ours, _ = ada_pair(nf4)
     inputs = make_inputs("llama")
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():

@@ -220,7 +220,7 @@ def lora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """
     if x2d.dim() != 2:
         raise ValueError(f"x2d: expected [M, K], got {list(x2d.shape)}")
-    (M, K), N, r = x2d.shape, weight.shape[0], lora_A.shape[0]
+    K, N, r = x2d.shape[1], weight.shape[0], lora_A.shape[0]
     _check("weight", weight, (N, K), x2d)
     _check("lora_A", lora_A, (r, K), x2d)
     _check("lora_B", lora_B, (N, r), x2d)
@@ -247,7 +247,7 @@ def lora_bwd_dx(dy2d: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
     """
     if dy2d.dim() != 2:
         raise ValueError(f"dy2d: expected [M, N], got {list(dy2d.shape)}")
-    (M, N), K, r = dy2d.shape, weight.shape[1], lora_A.shape[0]
+    N, K, r = dy2d.shape[1], weight.shape[1], lora_A.shape[0]
     _check("weight", weight, (N, K), dy2d)
     _check("lora_A", lora_A, (r, K), dy2d)
     _check("lora_B", lora_B, (N, r), dy2d)
@@ -268,7 +268,7 @@ def scaled_linear_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """
     if x2d.dim() != 2:
         raise ValueError(f"x2d: expected [M, K], got {list(x2d.shape)}")
-    (M, K), N = x2d.shape, weight.shape[0]
+    K, N = x2d.shape[1], weight.shape[0]
     _check("weight", weight, (N, K), x2d)
     if bias is not None:
         _check("bias", bias, (N,), x2d)

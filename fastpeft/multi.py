@@ -344,15 +344,15 @@ def sync_banks(peft_model: nn.Module, layers: list[nn.Module] | None = None,
                 bank.remove(gone)
             state["multi_bank_holds"] = holds
         bank.reserve_ids(num_ids)
-        stale = []
+        changed = []
         for n in holds if names is None else names:
             module = lora_A.get(n)
             if module is not None:
                 entry = (ids[n], module._parameters["weight"], lora_B[n]._parameters["weight"], scaling[n])
                 if not bank.fresh(*entry):
-                    stale.append(entry)
-        if stale:
-            bank.sync(stale)
+                    changed.append(entry)
+        if changed:
+            bank.sync(changed)
     return ids
 
 

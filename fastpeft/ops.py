@@ -784,11 +784,11 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank, toke
     common = (x2d, None if nf4_args else weight, bias, bank.lora_a, bank.lora_b, bank.offsets, bank.ranks,
               bank.scalings, max_rank)
     if not grouped and kernels is reference:  # per row (x as [rows, T, K]), or per token when T == 1
-        slots = groups.__dict__.get("_reference_row_slots")  # per batch: cached on it
-        if slots is None:
-            slots = groups.__dict__["_reference_row_slots"] = groups.row_ids.long() + 1
+        table_slots = groups.__dict__.get("_reference_row_slots")  # per batch: cached on it
+        if table_slots is None:
+            table_slots = groups.__dict__["_reference_row_slots"] = groups.row_ids.long() + 1
         rows = x if x.shape[:-1] == (groups.rows, T) else x2d.reshape(groups.rows, T, K) if T > 1 else x2d
-        y = kernels.multi_lora_gathered_fwd(rows, *common[1:], groups.row_ids, slots=slots, **extra)
+        y = kernels.multi_lora_gathered_fwd(rows, *common[1:], groups.row_ids, table_slots=table_slots, **extra)
     elif not grouped:
         y = kernels.multi_lora_gathered_fwd(*common, groups.token_ids, **extra)
     else:

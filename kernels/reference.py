@@ -354,20 +354,22 @@ def multi_lora_grouped_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lor
 def multi_lora_gathered_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
                             lora_b: Tensor, offsets: Tensor, ranks: Tensor, scalings: Tensor,
                             max_rank: int, token_ids: Tensor,
-                            tables: tuple[Tensor, Tensor] | None = None, slots: Tensor | None = None) -> Tensor:
+                            tables: tuple[Tensor, Tensor] | None = None,
+                            table_slots: Tensor | None = None) -> Tensor:
     """y = x W^T + b + each token's own LoRA term (the BGMV kernel's reference): the factors of
     every token's adapter are gathered into [M, max_rank, *] stacks, then two bmm's -> [M, N].
     The CPU path also passes x as [G, T, K] with one id per row of T tokens (token_ids [G]): the
     factors are then gathered once per row, the rows' tokens multiplied in place -> [G, T, N].
-    `tables` as in `multi_lora_grouped_fwd`; `slots`: token_ids + 1 as long (cached per batch by
-    the CPU path), computed here when None."""
+    `tables` as in `multi_lora_grouped_fwd`; `table_slots`: token_ids + 1 as long (the CPU path
+    caches it per batch), computed here when None."""
     xf = x2d.float()
     y = F.linear(xf, weight.float(), None if bias is None else bias.float())
     if x2d.shape[0] == 0 or lora_a.shape[0] == 0:  # an empty bank: base only
         return y.to(x2d.dtype)
     if tables is None:
         tables = multi_lora_tables(offsets, ranks, scalings, max_rank)
-    a, b, coef = _bank_factors(lora_a, lora_b, token_ids.long() + 1 if slots is None else slots, tables)
+    a, b, coef = _bank_factors(lora_a, lora_b, token_ids.long() + 1 if table_slots is None else table_slots,
+                               tables)
     rows = (lambda t: t) if x2d.dim() == 3 else (lambda t: t[:, None, :])  # as [G, T, *]
     xa = torch.bmm(rows(xf), a.transpose(1, 2)).mul_(coef[:, None, :])     # [G, T, R]
     rows(y).baddbmm_(xa, b)

@@ -279,6 +279,10 @@ def test_ops_multi_lora_linear_with_token_ids_and_bad_ids():
         fastpeft.ops.multi_lora_linear(x, w, b, bank, torch.tensor([-2, 0, 0]))
     with pytest.raises(ValueError, match="token_adapter_ids must be integer \\[3\\]"):
         fastpeft.ops.multi_lora_linear(x, w, b, bank, torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"bank.lora_a must be \[6, 6\] torch.float16"):  # the bank's dtype
+        fastpeft.ops.multi_lora_linear(x.half(), w.half(), b.half(), bank, torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match=r"bank.lora_b must be \[6, 4\]"):  # a bank for another layer
+        fastpeft.ops.multi_lora_linear(x, w[:4], b[:4], bank, torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match="inference only"):
         fastpeft.ops.multi_lora_linear(x.requires_grad_(), w, b, bank, torch.tensor([0, 0, 1]))
 

@@ -324,3 +324,29 @@ def test_mixed_batch_over_an_nf4_base(backend, make_model, make_inputs, checkpoi
     inputs = make_inputs("llama", batch=len(names), seq=5)
     got = run(ours, inputs, adapter_names=names)
     torch.testing.assert_close(got, row_by_row(ours, inputs, names), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", [1, 17])  # the gathered kernel (decode) and the grouped one (prefill)
+def test_a_mixed_forward_captures_in_a_cuda_graph(seq, make_model, checkpoints):
+    """The layers of a mixed forward do no host synchronisation: inside one `mixed_batch` (whose
+    metadata the first, eager, forward built), the forward is captured in a CUDA graph and its
+    replay equals the eager output, on the Triton kernels."""
+    from fastpeft import multi
+
+    root = checkpoints("llama", make_model)
+    ours = load_all(fastpeft, make_model("llama"), root, list(ADAPTERS["llama"])).cuda()
+    names = ["a", "__base__", "d", "c", "a", "b"]
+    ids = torch.randint(1, 96, (len(names), seq), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad(), multi.mixed_batch(ours, names):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: metadata, autotuning, allocator
+            want = ours.base_model(input_ids=ids, use_cache=False).logits.clone()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = ours.base_model(input_ids=ids, use_cache=False).logits
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -320,7 +320,7 @@ def sync_banks(peft_model: nn.Module, layers: list[nn.Module] | None = None,
     a mixed batch's own, so its cost does not grow with the number registered); returns {name: id}.
     A bank drops the ids of adapters its layer no longer holds whenever the layer's set changes."""
     tuner = peft_model.base_model
-    registry = tuner.__dict__.setdefault("_adapter_ids", AdapterIds())
+    registry = tuner.__dict__.get("_adapter_ids") or tuner.__dict__.setdefault("_adapter_ids", AdapterIds())
     ids = registry.sync(list(peft_model.peft_config))
     # every bank takes every id the batch may name, held by its layer or not (those rows: base only)
     num_ids = 1 + max((ids[n] for n in (ids if names is None else names)), default=-1)

@@ -2,11 +2,13 @@
 # The one script a lent GPU machine runs, in a single call, in under 9 minutes:
 #   1. install fastpeft against the machine's own torch/triton/transformers/peft (no registry);
 #   2. the gpu-marked tests on real CUDA (TRITON_INTERPRET=0: compiled kernels, bf16 included);
-#   3. `fastpeft bench --out bench-out` (CUDA shapes).
-# Every step has its own timeout and a failing step does not stop the next. The last thing
-# printed is the card, date, commit, step statuses and the bench's Markdown table: paste that
-# block into bench/RESULTS.md. If $OUT is set (the device runner's output folder), bench-out/
-# and the logs are copied there.
+#   3. `fastpeft bench` (CUDA shapes), one section at a time into bench-out/<section>/.
+# Every step and every bench section has its own timeout, and a failing one does not stop the
+# next: a slow section costs its own table, not the others'. The last thing printed is the card,
+# date, commit, step statuses and the bench's Markdown tables: paste that block into
+# bench/RESULTS.md. If $OUT is set (the device runner's output folder), bench-out/ and the logs
+# are copied there. BENCH_ARGS (default "--device cuda") lets a CPU machine dry-run the script:
+#   BENCH_ARGS="--device cpu --quick" bash bench/gpu.sh /tmp/dry
 #
 # usage: bash bench/gpu.sh [OUT_DIR]        (default OUT_DIR: bench-out)
 set -uo pipefail
@@ -18,11 +20,13 @@ LOGS=$(mktemp -d)
 export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 PY=${PYTHON:-python}
 
-# budgets in seconds (+10 s kill grace each): 60 + 30 + 150 + 260 + 40 = 540 s = 9 min
-# (the bench's sections: kernels, nf4 with its autotuning, multi with a 1000-adapter bank, methods
-# incl. qlora, training; decode cases are timed eagerly and again from CUDA graphs). Estimates,
-# not measurements: the first GPU run should trim them.
-T_INSTALL=60 T_INFO=30 T_TESTS=150 T_BENCH=260
+# budgets in seconds (+10 s kill grace each): 60 + 30 + 150 + (40 + 60 + 50 + 80 + 30) + 80
+# = 580 s, under 10 min (nf4 with its autotuning, multi with a 1000-adapter bank, methods incl.
+# qlora; decode cases timed eagerly and again from CUDA graphs). Estimates, not measurements:
+# the first GPU run should trim them.
+T_INSTALL=60 T_INFO=30 T_TESTS=150
+BENCH_SECTIONS=(kernels:40 nf4:60 multi:50 methods:80 training:30)
+read -r -a BENCH_ARGS <<<"${BENCH_ARGS:---device cuda}"
 
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
 card=${card:-"unknown (nvidia-smi failed)"}
@@ -82,13 +86,22 @@ case $rc_tests in
 esac
 tests_line=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$LOGS/tests.log" | tail -n1)
 
-# 3. the bench: table on stdout, progress bar and notes on stderr.
-t0=$SECONDS
-timeout -k 10 "$T_BENCH" "${FASTPEFT[@]}" bench --device cuda --no-progress --out "$BENCH_OUT" \
-    >"$LOGS/bench.md" 2>"$LOGS/bench.err"
-rc_bench=$?
-echo "== bench: exit $rc_bench, $((SECONDS - t0)) s"
-[ "$rc_bench" -ne 0 ] && tail -n 30 "$LOGS/bench.err"
+# 3. the bench, a section at a time: tables on stdout, notes on stderr.
+rc_bench=0 bench_status=""
+: >"$LOGS/bench.md"
+for entry in "${BENCH_SECTIONS[@]}"; do
+    section=${entry%%:*} secs=${entry##*:} t0=$SECONDS
+    timeout -k 10 "$secs" "${FASTPEFT[@]}" bench "${BENCH_ARGS[@]}" --no-progress --sections "$section" \
+        --out "$BENCH_OUT/$section" >"$LOGS/bench-$section.md" 2>"$LOGS/bench-$section.err"
+    rc=$?
+    how="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then how="TIMEOUT after ${secs}s"
+    elif [ "$rc" -ne 0 ]; then how="FAILED (exit $rc)"; fi
+    echo "== bench $section: $how, $((SECONDS - t0)) s"
+    if [ "$rc" -ne 0 ]; then rc_bench=1; tail -n 20 "$LOGS/bench-$section.err"; fi
+    bench_status+="${bench_status:+, }$section $how"
+    cat "$LOGS/bench-$section.md" >>"$LOGS/bench.md"
+done
 
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
     mkdir -p "$OUT/logs" && cp "$LOGS"/* "$OUT/logs/" 2>/dev/null
@@ -101,7 +114,7 @@ echo "### $card — $when — commit $commit"
 echo
 echo "- install: $([ "$rc_install" -eq 0 ] && echo ok || echo "FAILED (exit $rc_install)")"
 echo "- gpu tests (\`pytest -m gpu\`): $tests_status${tests_line:+ — $tests_line}"
-echo "- bench: $([ "$rc_bench" -eq 0 ] && echo ok || echo "FAILED (exit $rc_bench)")"
+echo "- bench: $bench_status"
 echo
 cat "$LOGS/bench.md"
 

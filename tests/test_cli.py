@@ -218,6 +218,19 @@ def test_bench_stdout_only_without_out(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_one_section_at_a_time_writes_its_outputs(tmp_path, capsys):
+    """bench/gpu.sh runs one section per call: a section with nothing to plot (training) still
+    writes its JSON and Markdown, and says why there is no plot."""
+    out = tmp_path / "training"
+    assert main(["bench", "--quick", "--device", "cpu", "--no-progress", "--sections", "training",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert set(result) & {"kernels", "nf4", "multi", "methods"} == set() and result["training"]["rows"]
+    assert (out / "results.md").exists() and not (out / "plot.png").exists()
+    if HAS_MPL:
+        assert "no plot" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["under_a_file", "is_a_file"])
 def test_bench_bad_out_dir_fails_before_timing(tmp_path, capsys, no_timing, kind):
     afile = tmp_path / "afile"

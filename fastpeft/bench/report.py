@@ -246,6 +246,8 @@ def _plot(result: dict, path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed: skipping the plot (pip install -e \".[bench]\")"
     sections = [k for k in ("kernels", "nf4", "multi", "methods") if k in result]
+    if not sections:
+        return "no section with latency ratios ran (training alone): no plot"
     fig, axes = plt.subplots(1, len(sections), figsize=(10 * len(sections), 4.5), squeeze=False)
     for ax, name in zip(axes[0], sections):
         rows = result[name]["rows"]

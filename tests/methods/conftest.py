@@ -204,6 +204,48 @@ def pl_check_training_step(pl_inputs):
 
 
 @pytest.fixture(scope="session")
+def pl_perturb():
+    """`perturb(model, seed=0)`: random values added to every trainable tensor (a zero-init part,
+    LoRA's B or an adapter's up-projection, would hide its path from a comparison)."""
+
+    def perturb(model, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+    return perturb
+
+
+@pytest.fixture(scope="session")
+def pl_train(pl_inputs):
+    """`train(model, arch) -> changed`: six Adam steps on a tiny task (the tokens as labels; BERT:
+    two classes), each checked to give gradients to exactly the trainable parameters; asserts the
+    loss went down and returns the names of the parameters that moved."""
+
+    def train(model, arch):
+        model.train()
+        inputs = pl_inputs(arch, pad=False)
+        labels = torch.tensor([0, 2]) if arch == "bert" else inputs["input_ids"]
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+        losses = []
+        for _ in range(6):
+            optimizer.zero_grad()
+            loss = model(**inputs, labels=labels).loss
+            loss.backward()
+            graded = {n for n, p in model.named_parameters() if p.grad is not None}
+            assert graded == {n for n, p in model.named_parameters() if p.requires_grad}
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+    return train
+
+
+@pytest.fixture(scope="session")
 def pl_check_mixed_batch():
     """`check(model, adapter_names, batch)`: rows using different adapters in one forward (and generate)
     equal each row run alone with its adapter active."""

@@ -31,15 +31,6 @@ def mam(make_model, arch, **kwargs):
     return fastpeft.get_peft_model(make_model(arch), config).eval()
 
 
-def perturb(model, seed=0):
-    """Random values in every trainable tensor (a zero up-projection would hide the adapter)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 def logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
@@ -81,34 +72,18 @@ def test_at_init_only_the_prefix_acts(arch, pl_base_model, pl_inputs):
 
 
 @pytest.mark.parametrize("arch", ALL)
-def test_training_reduces_the_loss_and_changes_only_prefix_and_adapters(arch, pl_base_model, pl_inputs):
+def test_training_reduces_the_loss_and_changes_only_prefix_and_adapters(arch, pl_base_model, pl_train):
     """(and BERT's SEQ_CLS head copy, which PEFT trains and saves with every prompt-learning classifier)"""
-    model = mam(pl_base_model, arch).train()
-    inputs = pl_inputs(arch, pad=False)
-    labels = torch.tensor([0, 2]) if arch == "bert" else inputs["input_ids"]
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=3e-2)
-    losses = []
-    for _ in range(6):
-        optimizer.zero_grad()
-        loss = model(**inputs, labels=labels).loss
-        loss.backward()
-        graded = {n for n, p in model.named_parameters() if p.grad is not None}
-        assert graded == {n for n, p in model.named_parameters() if p.requires_grad}
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = pl_train(mam(pl_base_model, arch), arch)
     assert changed and all(n.startswith("prompt_encoder.default.") or ".adapter_" in n or n in HEAD.get(arch, ())
                            for n in changed)
     assert any(".adapter_down." in n for n in changed) and any(".adapter_up." in n for n in changed)
 
 
 @pytest.mark.parametrize("arch", ALL)
-def test_save_load_round_trip_is_bit_exact(arch, pl_base_model, pl_inputs, tmp_path):
+def test_save_load_round_trip_is_bit_exact(arch, pl_base_model, pl_inputs, tmp_path, pl_perturb):
     model = mam(pl_base_model, arch, prefix_projection=True, non_linearity="gelu", bottleneck_size=5)
-    perturb(model)
+    pl_perturb(model)
     inputs = pl_inputs(arch)
     expected = logits(model, inputs)
     model.save_pretrained(tmp_path)
@@ -151,10 +126,10 @@ def test_a_checkpoint_that_does_not_fit_is_refused_with_the_model_unchanged(make
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_greedy_by_forward):
+def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_greedy_by_forward, pl_perturb):
     """First and later steps: the prefix sits in the cache once, the adapters run at every step."""
     model = mam(make_model, arch)
-    perturb(model)
+    pl_perturb(model)
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(7))
     expected, step_logits = pl_greedy_by_forward(model, ids, 4)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
@@ -164,12 +139,12 @@ def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_greedy
         torch.testing.assert_close(score, ref, rtol=1e-4, atol=1e-5, msg=f"step {step}")
 
 
-def test_adapter_lifecycle(make_model, pl_inputs):
+def test_adapter_lifecycle(make_model, pl_inputs, pl_perturb):
     """Disable, switch, delete and unload act on the prefix and the adapters together."""
     inputs = pl_inputs("llama")
     base = logits(make_model("llama"), inputs)
     model = mam(make_model, "llama")
-    perturb(model)
+    pl_perturb(model)
     default = logits(model, inputs)
     with model.disable_adapter():
         assert torch.equal(logits(model, inputs), base)

@@ -51,15 +51,6 @@ def prefix_twin(make_model, arch, model, scale=1.0):
     return twin
 
 
-def perturb(model, seed=0):
-    """Random values in every trainable tensor (zero B / up-projections would hide LoRA and the adapter)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 def logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
@@ -184,12 +175,12 @@ def test_at_init_it_is_prefix_tuning_gated_per_query(arch, make_model, pl_inputs
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_closed_gates_switch_their_part_off_exactly(arch, make_model, pl_inputs):
+def test_closed_gates_switch_their_part_off_exactly(arch, make_model, pl_inputs, pl_perturb):
     """With random LoRA and adapters both act; closing a part's gates (sigmoid(-inf) = 0) removes
     exactly that part: all LoRA and adapter gates closed, prefix gate open, leaves Prefix Tuning."""
     inputs = pl_inputs(arch)
     model = unipelt(lambda a: eager(make_model(a)), arch, init_lora_weights=False, init_adapter_weights=False)
-    perturb(model)
+    pl_perturb(model)
     set_gates(model, "prefix", 1e4)
     twin = prefix_twin(make_model, arch, model)
     full = logits(model, inputs)
@@ -223,11 +214,11 @@ def test_the_prefix_gate_is_per_token_and_reads_the_attention_input(arch, pl_bas
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_the_prefix_gate_is_causal_and_exact_under_cached_decoding(arch, make_model):
+def test_the_prefix_gate_is_causal_and_exact_under_cached_decoding(arch, make_model, pl_perturb):
     """Changing later tokens leaves the earlier tokens' logits alone; feeding the rest of the sequence
     through the cache a first forward returned gives the full forward's logits."""
     model = unipelt(make_model, arch, init_lora_weights=False, init_adapter_weights=False)
-    perturb(model)
+    pl_perturb(model)
     ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(5))
     changed = ids.clone()
     changed[:, 4:] = (changed[:, 4:] + 7) % 96
@@ -245,10 +236,10 @@ def test_the_prefix_gate_is_causal_and_exact_under_cached_decoding(arch, make_mo
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_gate_arithmetic_per_token(make_model):
+def test_gate_arithmetic_per_token(make_model, pl_perturb):
     """The layers compute y = base(x) + sigmoid(x w + b) * change, one gate per token."""
     model = unipelt(make_model, "llama", init_lora_weights=False, init_adapter_weights=False)
-    perturb(model)
+    pl_perturb(model)
     x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
     lora = dict(model.lora.adapter_layers())["model.layers.0.self_attn.q_proj"]
     gate = torch.sigmoid(x @ lora.lora_gate["default"].weight.T + lora.lora_gate["default"].bias)
@@ -266,24 +257,8 @@ def test_gate_arithmetic_per_token(make_model):
 
 
 @pytest.mark.parametrize("arch", ALL)
-def test_training_reduces_the_loss_and_changes_only_unipelt_parameters(arch, pl_base_model, pl_inputs):
-    model = unipelt(pl_base_model, arch).train()
-    inputs = pl_inputs(arch, pad=False)
-    labels = torch.tensor([0, 2]) if arch == "bert" else inputs["input_ids"]
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=3e-2)
-    losses = []
-    for _ in range(6):
-        optimizer.zero_grad()
-        loss = model(**inputs, labels=labels).loss
-        loss.backward()
-        graded = {n for n, p in model.named_parameters() if p.grad is not None}
-        assert graded == {n for n, p in model.named_parameters() if p.requires_grad}
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+def test_training_reduces_the_loss_and_changes_only_unipelt_parameters(arch, pl_base_model, pl_train):
+    changed = pl_train(unipelt(pl_base_model, arch), arch)
     assert all(n.startswith(("prompt_encoder.default.", "prefix_gate.")) or ".lora_" in n or ".adapter_" in n
                or ".modules_to_save.default." in n for n in changed)
     for part in ("prefix_gate.default.weight", "prefix_gate.default.bias", ".lora_B.", ".lora_gate.", ".adapter_up.",
@@ -292,9 +267,9 @@ def test_training_reduces_the_loss_and_changes_only_unipelt_parameters(arch, pl_
 
 
 @pytest.mark.parametrize("arch", ALL)
-def test_save_load_round_trip_is_bit_exact(arch, pl_base_model, pl_inputs, tmp_path):
+def test_save_load_round_trip_is_bit_exact(arch, pl_base_model, pl_inputs, tmp_path, pl_perturb):
     model = unipelt(pl_base_model, arch, prefix_projection=True, non_linearity="gelu", bottleneck_size=5)
-    perturb(model)
+    pl_perturb(model)
     inputs = pl_inputs(arch)
     expected = logits(model, inputs)
     model.save_pretrained(tmp_path)
@@ -360,11 +335,11 @@ def test_a_checkpoint_that_does_not_fit_is_refused_with_the_model_unchanged(make
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_greedy_by_forward):
+def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_greedy_by_forward, pl_perturb):
     """First and later steps: the prefix sits in the cache once, each step's query gates it with its own g,
     gated LoRA and adapters run at every step."""
     model = unipelt(make_model, arch, init_lora_weights=False, init_adapter_weights=False)
-    perturb(model)
+    pl_perturb(model)
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(7))
     expected, step_logits = pl_greedy_by_forward(model, ids, 4)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
@@ -374,13 +349,13 @@ def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_greedy
         torch.testing.assert_close(score, ref, rtol=1e-4, atol=1e-5, msg=f"step {step}")
 
 
-def test_adapter_lifecycle(make_model, pl_inputs):
+def test_adapter_lifecycle(make_model, pl_inputs, pl_perturb):
     """Disable, switch, delete and unload act on the prefix, its gate, LoRA and the adapters together;
     the attention hooks and implementation go when the last adapter does (delete or unload)."""
     inputs = pl_inputs("llama")
     base = logits(make_model("llama"), inputs)
     model = unipelt(make_model, "llama", init_lora_weights=False, init_adapter_weights=False)
-    perturb(model)
+    pl_perturb(model)
     default = logits(model, inputs)
     with model.disable_adapter():  # no prefix: the gated attention runs the original sdpa, exactly
         assert torch.equal(logits(model, inputs), base)

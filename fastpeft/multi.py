@@ -41,8 +41,8 @@ class AdapterBank:
 
     lora_a: [capacity, in] and lora_b: [capacity, out] in the layer's compute dtype and device;
     offsets, ranks: int32 [num_ids]; scalings: fp32 [num_ids]; a rank of 0 marks an id this
-    layer does not hold (its rows get the base layer only); max_rank: python int; version: an
-    int that every change bumps. Change a bank through its methods only.
+    layer does not hold (its rows get the base layer only); spans: {id: (offset, rank)} on the
+    host; version: an int that every change bumps. Change a bank through its methods only.
     """
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
@@ -65,10 +65,6 @@ class AdapterBank:
     @property
     def num_ids(self) -> int:
         return self.offsets.shape[0]
-
-    @property
-    def max_rank(self) -> int:
-        return max((r for _, r in self.spans.values()), default=0)
 
     def reserve_ids(self, n: int) -> None:
         if n > self.num_ids:

@@ -649,7 +649,7 @@ def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | 
 
 # -- multi-adapter LoRA (mixed-adapter batches) -----------------------------------------------
 # A bank (fastpeft.multi.AdapterBank, read here by its fields: lora_a [R, K], lora_b [R, N],
-# offsets/ranks int32 [I], scalings fp32 [I], spans {id: (offset, rank)}, max_rank, version) and the batch metadata
+# offsets/ranks int32 [I], scalings fp32 [I], spans {id: (offset, rank)}, version) and the batch metadata
 # (fastpeft.multi.TokenGroups: token_ids, perm, seg_start, seg_adapter, num_segments, max_segment).
 __all__ += ["multi_lora_linear"]
 

@@ -245,8 +245,8 @@ def test_cached_bank_tables_follow_every_bank_change():
     def check():
         got = fastpeft.ops.multi_lora_linear(x, w, None, bank, ids, backend="torch")
         want = fastpeft.kernels.reference.multi_lora_gathered_fwd(  # tables computed afresh
-            x, w, None, bank.lora_a, bank.lora_b, bank.offsets, bank.ranks, bank.scalings, bank.max_rank,
-            ids)
+            x, w, None, bank.lora_a, bank.lora_b, bank.offsets, bank.ranks, bank.scalings,
+            max(r for _, r in bank.spans.values()), ids)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
     bank.add(0, torch.randn(2, 6), torch.randn(5, 2), 1.5)

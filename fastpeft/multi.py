@@ -148,17 +148,14 @@ class AdapterBank:
         is inlined: a method call per pair cost ~3% of a CPU prefill."""
         spans, stamps = self.spans, self.stamps
         for adapter_id, a, b, scaling in adapters:
-            s = stamps.get(adapter_id)
-            if s is not None and s[0]() is a and s[1]() is b:
-                try:
-                    if s[2] == (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling):
-                        continue
-                except RuntimeError:  # an inference tensor
-                    pass
             try:
-                stamp = (weakref.ref(a), weakref.ref(b), (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling))
-            except RuntimeError:  # an inference tensor: no stamp
-                stamp = None
+                now = (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling)
+            except RuntimeError:  # an inference tensor: no stamp, never fresh
+                now = None
+            s = stamps.get(adapter_id)
+            if now is not None and s is not None and s[0]() is a and s[1]() is b and s[2] == now:
+                continue
+            stamp = None if now is None else (weakref.ref(a), weakref.ref(b), now)
             if adapter_id in spans and spans[adapter_id][1] != a.shape[0]:
                 self.remove(adapter_id)
             if adapter_id not in spans:
@@ -324,6 +321,7 @@ def sync_banks(peft_model: nn.Module, layers: list[nn.Module] | None = None,
         modules = state["_modules"]
         base = modules["base_layer"]  # the bank is in the compute dtype: an NF4 base's, or the weight's
         weight = base.weight  # a parameter, or an NF4 layer's buffer
+        # __dict__: a Linear4bit's plain attribute; getattr would raise and catch on an nn.Linear
         dtype, device = base.__dict__.get("compute_dtype") or weight.dtype, weight.device
         bank = state.get("multi_bank")
         stale = bank is not None and bank.lora_a.is_inference() and not torch.is_inference_mode_enabled()

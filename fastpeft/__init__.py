@@ -2,6 +2,7 @@
 
 `import fastpeft as peft` keeps PEFT code and PEFT checkpoints working.
 """
+import importlib.metadata as _metadata
 
 from fastpeft.config import PeftConfig, PromptLearningConfig
 from fastpeft.methods.adalora import AdaLoraConfig, AdaLoraModel
@@ -24,7 +25,10 @@ from fastpeft.model import (
 )
 from fastpeft.quant.nf4 import Linear4bit, NF4Config, quantize_model
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version: one source, pyproject.toml
+    __version__ = _metadata.version("fastpeft")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AdaLoraConfig",

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from fastpeft import __version__
+
 __all__ = ["main", "build_parser"]
 
 
@@ -18,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastpeft",
         description="fastpeft: fused Triton kernels for PEFT. Inspect this machine or measure "
                     "the LoRA inference latency penalty on it.")
+    p.add_argument("--version", action="version", version=f"fastpeft {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{info,bench}")
     sub.add_parser("info", help="device, the backend fastpeft.ops picks, package versions")
     b = sub.add_parser(

@@ -32,6 +32,7 @@ from torch import nn
 
 from fastpeft import checkpoint, inject
 from fastpeft.config import PeftConfig, PromptLearningConfig
+from fastpeft.hf_compat import cache_kwarg
 from fastpeft.methods import PROMPT_ENCODERS
 from fastpeft.methods.base import ModulesToSaveWrapper
 from fastpeft.methods.prefix import prefix_cache
@@ -323,7 +324,7 @@ class PromptLearningModel(PeftModel):
         if config.peft_type in PREFIX_TYPES:
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
-            kwargs[_cache_kwarg(self.base_model)] = prompt
+            kwargs[cache_kwarg(self.base_model)] = prompt
             return self.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
             )
@@ -357,7 +358,7 @@ class PromptLearningModel(PeftModel):
             config, prompt = self._batch_prompt(batch, adapter_names)
             self._check_length(length, config)
             if config.peft_type in PREFIX_TYPES:
-                kwargs[_cache_kwarg(self.base_model)] = prompt
+                kwargs[cache_kwarg(self.base_model)] = prompt
             else:
                 embeds = self.word_embeddings(input_ids)
                 kwargs["inputs_embeds"] = torch.cat((prompt.to(embeds.dtype), embeds), dim=1)
@@ -398,12 +399,6 @@ def _extend_mask(mask: torch.Tensor | None, num_virtual_tokens: int) -> torch.Te
     if mask is None:
         return None
     return torch.cat((mask.new_ones(mask.shape[0], num_virtual_tokens), mask), dim=1)
-
-
-def _cache_kwarg(model: nn.Module) -> str:
-    """transformers 5 renamed the forward's `past_key_values` to `cache`; use what the model takes."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
 
 
 def _make_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> nn.Module:

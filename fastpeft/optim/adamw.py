@@ -59,6 +59,9 @@ def _check_hyperparameters(owner: str, group: dict) -> None:
         raise ValueError(f"{owner}: eps must be >= 0, got {eps}")
     if not wd >= 0:
         raise ValueError(f"{owner}: weight_decay must be >= 0, got {wd}")
+    for flag, supported in (("amsgrad", False), ("maximize", False), ("decoupled_weight_decay", True)):
+        if flag in group and bool(group[flag]) != supported:  # e.g. a torch.optim state_dict's group
+            raise ValueError(f"{owner}: {flag}={group[flag]!r} is not supported")
     bs = group.get("block_size", 1)
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
         raise ValueError(f"{owner}: block_size must be a positive power of two, got {bs!r}")

@@ -86,6 +86,15 @@ def test_state_dicts_interchange_with_torch_adamw(tmp_path):
     assert torch.equal(again.state[again.param_groups[0]["params"][0]]["exp_avg"], ours.state[paged_p[0]]["exp_avg"])
 
 
+def test_torch_state_dict_with_other_math_is_refused():
+    """amsgrad / maximize / coupled weight decay would change the update: refused, not ignored."""
+    twin = torch.optim.AdamW(_params(), amsgrad=True)
+    ours = PagedAdamW(_params())
+    with pytest.raises(ValueError, match="amsgrad"):
+        ours.load_state_dict(twin.state_dict())
+    assert ours.param_groups[0].get("amsgrad") is None
+
+
 @pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
 @pytest.mark.parametrize("kwargs,name", [
     (dict(page_size=0), "page_size"), (dict(page_size=2.5), "page_size"),

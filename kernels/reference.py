@@ -374,3 +374,83 @@ def multi_lora_gathered_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lo
     xa = torch.bmm(rows(xf), a.transpose(1, 2)).mul_(coef[:, None, :])     # [G, T, R]
     rows(y).baddbmm_(xa, b)
     return y.to(x2d.dtype)
+
+
+# -- optimizers: 8-bit blockwise AdamW (kernels/optim.py, fastpeft.optim) ---------------------------
+# Both Adam moments are stored as uint8 indices into bitsandbytes' dynamic maps (Dettmers et al.,
+# "8-bit Optimizers via Block-wise Quantization"): the first moment into the signed map
+# (`dynamic_map()` above), the second into the unsigned one, with an fp32 absmax per block of
+# `block_size` elements over the flattened tensor (the tail block may be short). A state value is
+# ``code[q] * absmax[block]``, so a new state is all zeros (absmax 0 decodes any code to 0). One step
+# decodes both moments, applies AdamW in fp32 (decoupled weight decay first, as torch.optim.AdamW
+# and bnb's CPU backend do, then the bias-corrected update), takes each block's new absmax from the
+# updated moments and re-encodes them to the NEAREST code (ties to the lower one), as bnb's CUDA
+# kernel does (its CPU backend uses a coarser 65536-bin table). The hyperparameters enter as fp32
+# scalars computed once on the host (`adamw8bit_scalars`) and the arithmetic runs in the kernel's
+# order, so kernel and reference differ only where a GPU fuses a multiply-add.
+
+__all__ += ["dynamic_map_unsigned", "adamw8bit_maps", "adamw8bit_scalars", "adamw8bit_quantize",
+            "adamw8bit_update"]
+
+
+def dynamic_map_unsigned(device=None) -> Tensor:
+    """bnb's unsigned 8-bit dynamic map (fp32 [256], sorted), ``create_dynamic_map(signed=False)``:
+    for each exponent e in 0..6, the 2**(e+1) midpoints of a linspace(0.1, 1, 2**(e+1) + 1) scaled
+    by 10**(e-6), plus 0 and 1."""
+    values = []
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** (e + 1) + 1, dtype=torch.float32)
+        values += ((10 ** (e - 6)) * ((edges[:-1] + edges[1:]) / 2.0)).tolist()
+    return torch.tensor(sorted(values + [0.0, 1.0]), dtype=torch.float32, device=device)
+
+
+def adamw8bit_maps(device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The two maps and their midpoints, as the update takes them: (signed code fp32 [256], its
+    midpoints fp32 [255], unsigned code fp32 [256], its midpoints fp32 [255])."""
+    signed, unsigned = dynamic_map(device), dynamic_map_unsigned(device)
+    return signed, (signed[:-1] + signed[1:]) * 0.5, unsigned, (unsigned[:-1] + unsigned[1:]) * 0.5
+
+
+def adamw8bit_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                      step: int) -> list[float]:
+    """The fp32 scalars of step `step` (1-based), as Python floats: [beta1, beta2, eps,
+    decay = 1 - lr * weight_decay, step_size = lr / (1 - beta1**step),
+    bc2_sqrt = sqrt(1 - beta2**step)]."""
+    values = [beta1, beta2, eps, 1.0 - lr * weight_decay, lr / (1.0 - beta1 ** step),
+              (1.0 - beta2 ** step) ** 0.5]
+    return torch.tensor(values, dtype=torch.float32).tolist()
+
+
+def adamw8bit_quantize(x: Tensor, mids: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Blockwise 8-bit encoding of a moment: x fp32 [n]; mids: the map's midpoints fp32 [255]
+    -> (codes uint8 [n], absmax fp32 [ceil(n / block_size)]). Each value is divided by its block's
+    absmax and takes the nearest code; an all-zero block gets absmax 0 and the code nearest 0."""
+    absmax = _blocks(x.abs(), block_size).amax(1)
+    scale = torch.repeat_interleave(torch.where(absmax > 0, absmax, 1.0), block_size)[: x.numel()]
+    return torch.bucketize(x / scale, mids).to(torch.uint8), absmax
+
+
+def adamw8bit_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_absmax: Tensor,
+                     exp_avg_sq: Tensor, exp_avg_sq_absmax: Tensor,
+                     maps: tuple[Tensor, Tensor, Tensor, Tensor], *, lr: float, beta1: float,
+                     beta2: float, eps: float, weight_decay: float, step: int, block_size: int) -> None:
+    """One AdamW step with 8-bit blockwise states, all in place.
+
+    param: [n] fp32|fp16|bf16 contiguous; grad: [n] param.dtype; exp_avg, exp_avg_sq: uint8 [n]
+    (signed and unsigned map codes); exp_avg_absmax, exp_avg_sq_absmax: fp32 [ceil(n / block_size)];
+    maps: `adamw8bit_maps()`; step: the 1-based step number this update makes.
+    """
+    b1, b2, eps32, decay, step_size, bc2_sqrt = adamw8bit_scalars(lr, beta1, beta2, eps, weight_decay, step)
+    code1, mids1, code2, mids2 = maps
+    n = param.numel()
+    m = code1[exp_avg.long()] * torch.repeat_interleave(exp_avg_absmax, block_size)[:n]
+    v = code2[exp_avg_sq.long()] * torch.repeat_interleave(exp_avg_sq_absmax, block_size)[:n]
+    g = grad.float()
+    m = m * b1 + (1.0 - b1) * g
+    v = v * b2 + (1.0 - b2) * g * g
+    denom = v.sqrt() / bc2_sqrt + eps32
+    param.copy_(param.float() * decay - step_size * (m / denom))
+    for codes, absmax, x, mids in ((exp_avg, exp_avg_absmax, m, mids1), (exp_avg_sq, exp_avg_sq_absmax, v, mids2)):
+        q, new_absmax = adamw8bit_quantize(x, mids, block_size)
+        codes.copy_(q)
+        absmax.copy_(new_absmax)

@@ -5,6 +5,12 @@ AdamW step over the trainable parameters. Each method's model is built from the 
 base by both libraries with the same config call (methods.py's `Method` records). Reported: the
 step time (median, min-max), its ratio to peft's step for the same method, and on a GPU the peak
 memory of the step. Adapters start non-trivial (random B), as after some training.
+
+The optimizer row (`run_optimizer`) times `optimizer.step()` alone over one fp32 weight (4096 x
+4096 on a GPU, 1024 x 1024 on a CPU, 128 x 128 with --quick) for torch.optim.AdamW, fastpeft's
+AdamW8bit and bitsandbytes' AdamW8bit, and counts the bytes of each one's state tensors per
+parameter (each storage once). A peer that is missing or fails on the device gets a status, no
+number.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ def trained(names: list[str]) -> list[str]:
 
 
 def steps(names: list[str]) -> int:
-    return len(trained(names))
+    return len(trained(names)) + 1  # + the optimizer row
 
 
 def _step_fn(model, ids) -> Any:
@@ -115,4 +121,81 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict
             row.median_us, row.min_us, row.max_us, row.samples = median * 1e6, lo * 1e6, hi * 1e6, n
         if here["fastpeft"].median_us is not None and here["peft"].median_us:
             here["fastpeft"].vs_peft = here["fastpeft"].median_us / here["peft"].median_us
-    return {"batch": [batch, seq], "model": type(base).__name__, "rows": [asdict(r) for r in rows]}
+    return {"batch": [batch, seq], "model": type(base).__name__, "rows": [asdict(r) for r in rows],
+            "optimizer": run_optimizer(device, quick, bar, s.budget_s)}
+
+
+# -- the optimizer row -------------------------------------------------------------------------
+@dataclass
+class OptimRow:
+    impl: str  # "torch AdamW", "fastpeft AdamW8bit" or "bnb AdamW8bit"
+    status: str = "ok"
+    median_us: float | None = None
+    min_us: float | None = None
+    max_us: float | None = None
+    samples: int | None = None
+    vs_torch: float | None = None  # median / torch AdamW's median
+    state_bytes_per_param: float | None = None
+
+
+def _optimizers() -> dict[str, Any]:
+    """impl -> a constructor over a parameter list, or the reason there is none."""
+    from fastpeft.optim import AdamW8bit
+
+    makers: dict[str, Any] = {
+        "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0),
+        "fastpeft AdamW8bit": lambda ps: AdamW8bit(ps, lr=1e-3, weight_decay=0.0),
+    }
+    try:
+        with peer_warnings():
+            import bitsandbytes as bnb
+        makers["bnb AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3, weight_decay=0.0)
+    except ImportError:
+        makers["bnb AdamW8bit"] = "not installed"
+    return makers
+
+
+def state_bytes(optimizer, params: list) -> int:
+    """Bytes of every tensor in `optimizer.state` for `params`, each storage counted once."""
+    seen: dict[int, int] = {}
+    for p in params:
+        for t in optimizer.state[p].values():
+            if isinstance(t, torch.Tensor):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def run_optimizer(device: str, quick: bool, bar: Progress, budget_s: float) -> dict:
+    """Time `optimizer.step()` per implementation over one fp32 weight: {"shape", "rows"}."""
+    side = 128 if quick else (4096 if device == "cuda" else 1024)
+    g = torch.Generator().manual_seed(3)
+    init, grad = torch.randn(side, side, generator=g), torch.randn(side, side, generator=g) * 1e-2
+    rows, calls = {}, {}
+    for impl, make in _optimizers().items():
+        rows[impl] = row = OptimRow(impl)
+        if isinstance(make, str):
+            row.status = make
+            continue
+        try:
+            p = torch.nn.Parameter(init.to(device))
+            p.grad = grad.to(device)
+            optimizer = make([p])
+            step = Quietly(optimizer.step) if impl.startswith("bnb") else optimizer.step
+            step()  # warm-up, creates the state, proves it runs here
+            row.state_bytes_per_param = state_bytes(optimizer, [p]) / p.numel()
+            calls[impl] = step
+        except Exception as e:  # noqa: BLE001  (a peer that fails here gets a status, not a number)
+            row.status = f"error: {type(e).__name__}: {e}"
+    if device == "cuda":
+        stats = {impl: time_cuda(call, quick)[:4] for impl, call in calls.items()}
+    else:
+        stats = time_cpu(calls, budget_s) if calls else {}
+    bar.step("train optimizer")
+    for impl, (median, lo, hi, n) in stats.items():
+        row = rows[impl]
+        row.median_us, row.min_us, row.max_us, row.samples = median * 1e6, lo * 1e6, hi * 1e6, n
+    base = rows["torch AdamW"].median_us
+    for row in rows.values():
+        if base and row.median_us is not None:
+            row.vs_torch = row.median_us / base
+    return {"shape": [side, side], "dtype": "float32", "rows": [asdict(r) for r in rows.values()]}

@@ -84,6 +84,7 @@ def test_bench_quick_cpu_writes_json_md_png(tmp_path, capsys):
     method_rows = result["methods"]["rows"]
     others = sum(len(v["rows"]) for k, v in result.items()  # sections other engineers add
                  if k not in ("kernels", "nf4", "multi", "methods") and isinstance(v, dict) and "rows" in v)
+    others += len(result.get("training", {}).get("optimizer", {}).get("rows", []))
     # one header line per table, one line per row
     assert len(table) == (len(heads) + len(rows) + len(nf4_rows) + len(quant_rows) + len(multi_rows)
                           + len(method_rows) + others)

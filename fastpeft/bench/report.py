@@ -184,6 +184,18 @@ def training_table(result: dict) -> list[str]:
     return [head, ""] + _table(cols, rows)
 
 
+def optimizer_table(result: dict) -> list[str]:
+    section, dev = result["training"]["optimizer"], result["device"]
+    side = section["shape"][0]
+    head = (f"**Optimizer step on {dev['summary']}** — `optimizer.step()` over one {side}x{side} "
+            f"{section['dtype']} weight; µs per step; vs torch = median / torch.optim.AdamW's median; "
+            "state bytes per parameter")
+    rows = [[r["impl"], r["status"], "—", "—", "—"] if r["median_us"] is None else
+            [r["impl"], _fmt(r["median_us"]), f"{_fmt(r['min_us'])}–{_fmt(r['max_us'])}",
+             _fmt(r["vs_torch"], ".2f") + "x", _fmt(r["state_bytes_per_param"], ".3f")] for r in section["rows"]]
+    return [head, ""] + _table(["optimizer", "median µs", "min–max µs", "vs torch", "state B/param"], rows)
+
+
 def format_tables(result: dict) -> str:
     parts = []
     if "kernels" in result:
@@ -196,6 +208,8 @@ def format_tables(result: dict) -> str:
         parts += methods_table(result) + [""]
     if "training" in result:
         parts += training_table(result) + [""]
+        if "optimizer" in result["training"]:
+            parts += optimizer_table(result) + [""]
     return "\n".join(parts).rstrip() + "\n"
 
 

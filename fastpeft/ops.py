@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpeft.kernels import reference
+from fastpeft.kernels import nf4_cpu, reference
 
 __all__ = ["LoraLinearFunction", "lora_linear", "resolve_backend"]
 
@@ -147,12 +147,9 @@ def _fused_fwd(backend, nf4_args, x2d, weight, bias, lora_A, lora_B, scaling, ra
         return _lora_kernels(backend).lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling,
                                                rank_scale=rank_scale, col_scale=col_scale)
     packed, absmax, shape, blocksize, nested, code4 = nf4_args
-    if backend == "triton":
-        return _nf4_kernels(backend).nf4_linear_fwd(
-            x2d, packed, absmax, shape, blocksize, nested, bias, lora_A, lora_B, scaling, code4,
-            rank_scale=rank_scale, col_scale=col_scale)
-    return reference.nf4_linear_fwd(x2d, packed, absmax, shape, blocksize, nested, bias, lora_A,
-                                    lora_B, scaling, rank_scale=rank_scale, col_scale=col_scale)
+    return _nf4_kernels(backend).nf4_linear_fwd(
+        x2d, packed, absmax, shape, blocksize, nested, bias, lora_A, lora_B, scaling, code4,
+        rank_scale=rank_scale, col_scale=col_scale)
 
 
 def _fused_bwd_dx(backend, nf4_args, dz, weight, lora_A, lora_B, scaling, rank_scale):
@@ -161,12 +158,9 @@ def _fused_bwd_dx(backend, nf4_args, dz, weight, lora_A, lora_B, scaling, rank_s
         return _lora_kernels(backend).lora_bwd_dx(dz, weight, lora_A, lora_B, scaling,
                                                   rank_scale=rank_scale)
     packed, absmax, shape, blocksize, nested, code4 = nf4_args
-    if backend == "triton":
-        return _nf4_kernels(backend).nf4_linear_bwd_dx(
-            dz, packed, absmax, shape, blocksize, nested, lora_A, lora_B, scaling, code4,
-            rank_scale=rank_scale)
-    return reference.nf4_linear_bwd_dx(dz, packed, absmax, shape, blocksize, nested, lora_A,
-                                       lora_B, scaling, rank_scale=rank_scale)
+    return _nf4_kernels(backend).nf4_linear_bwd_dx(
+        dz, packed, absmax, shape, blocksize, nested, lora_A, lora_B, scaling, code4,
+        rank_scale=rank_scale)
 
 
 def _dropout_lora(base, x, lora_A, lora_B, scaling, dropout, rank_scale, col_scale):
@@ -523,11 +517,14 @@ __all__ += ["NF4LinearFunction", "nf4_quantize", "nf4_dequantize", "nf4_linear"]
 
 
 def _nf4_kernels(backend: str):
+    """The module holding the NF4 `nf4_linear_fwd` / `nf4_linear_bwd_dx` / `nf4_dequantize` for
+    `backend`: the Triton launchers, or their CPU twins in `kernels/nf4_cpu.py` (same signatures;
+    `reference.py` stays the oracle)."""
     if backend == "triton":
         from fastpeft.kernels import nf4
 
         return nf4
-    return reference
+    return nf4_cpu
 
 
 def _nf4_args(qweight) -> tuple:
@@ -570,9 +567,8 @@ def nf4_quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
 def nf4_dequantize(qweight, dtype: torch.dtype = torch.float32, *, backend: str | None = None) -> Tensor:
     """The [N, K] weight of an NF4 weight in `dtype`, bit-identical to bnb's `dequantize_4bit`."""
     packed, absmax, shape, blocksize, nested, code4 = _nf4_args(qweight)
-    if resolve_backend(packed, backend) == "torch":
-        return reference.nf4_dequantize(packed, absmax, shape, blocksize, dtype, nested)
-    return _nf4_kernels("triton").nf4_dequantize(packed, absmax, shape, blocksize, dtype, code4, nested)
+    return _nf4_kernels(resolve_backend(packed, backend)).nf4_dequantize(
+        packed, absmax, shape, blocksize, dtype, code4, nested)
 
 
 class NF4LinearFunction:

@@ -76,7 +76,8 @@ def check_state(packed, absmax, shape, blocksize, nested, code4, device=None) ->
     N, K = shape
     numel = N * K
     nblocks = -(-numel // blocksize)
-    device = _tensor("packed", packed).device if device is None else device
+    _tensor("packed", packed), _tensor("absmax", absmax), _tensor("quant_map", code4)
+    device = packed.device if device is None else device
     if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
         raise ValueError(f"nf4: packed must be uint8 with (N*K+1)//2 = {(numel + 1) // 2} elements "
                          f"for shape {[N, K]}, got {packed.dtype} {list(packed.shape)}")

@@ -19,17 +19,25 @@ How the weight is decoded, and why (times: 2 threads of an AMD EPYC (AVX-512), f
   Dequantizing the whole weight this way costs ~34 ms (reference.py: ~120 ms for the layer):
   the int32 index, the gathered pairs and the fp32 weight each make a round trip to DRAM.
 - "tiled": the weight is decoded in tiles of `TILE_ELEMS` elements (2 MiB of fp32) that stay in
-  L2 while they are multiplied: ~9.5 ms at M = 1 (3.4x dense), the eager floor here (each op
-  still writes its tile once, and Python issues ~6 ops per tile).
+  L2 while they are multiplied: ~10-13 ms at M = 1 (3.4-4.3x dense), the eager floor here (each
+  op still writes its tile once, and Python issues ~6 ops per tile); tiles of 2^17..2^20
+  elements measured 15.1, 13.8, 13.2, 13.2 ms. Over dense: 2.1x at M = 4, 2.6x at 16, 1.7x at
+  64, 1.26x at 256 (a ~10 ms decode next to a growing GEMM).
 - "gemv" (M = 1): one fused decode-multiply-reduce loop compiled by inductor to C++
-  (`torch.compile`): each packed byte is read once and never widened in memory: ~4.1 ms (1.5x
-  dense), the only path under 2.5x at M = 1. Dynamic-shape graphs were 10x slower (symbolic
+  (`torch.compile`): each packed byte is read once and never widened in memory: 4.1-5.3 ms
+  (1.5-1.9x dense), the only path under 2.5x at M = 1. A 16-entry table with a nibble split
+  compiled to 5.0 ms, the pair table to 4.1 ms. Dynamic-shape graphs were 10x slower (symbolic
   sizes turn every index into divisions), so each layer shape gets its own static graph, compiled
   on first use (seconds) and kept in a small per-shape table (`_GemvCache`); below
   `GEMV_MIN_NUMEL` weights, or where no compiler works, the tiled path runs instead.
 - "full" (M >= `FULL_MIN_M`, prefill and training): decode the whole weight (in tiles), then one
-  GEMM: the GEMM dominates (decode ~10 ms against ~345 ms at M = 2048: 1.0-1.1x dense), and the
-  result is bit-identical to the reference, which makes the same GEMM call on the same weight.
+  GEMM on it. Its decode costs ~30 ms (the [N, K] weight goes to DRAM and back), so below ~1024
+  rows the tiles win (M = 256: full 1.70x, tiled 1.26x dense); at M = 2048 the GEMM dominates
+  (`fastpeft bench`: 1.09x dense), and the result is bit-identical to the reference, which
+  makes the same GEMM call on the same weight.
+- `fastpeft bench --sections nf4 --device cpu --threads 2`, 4096 x 4096: this path 1.69x dense
+  at M = 1 (reference.py: ~50x), 1.09x at M = 2048; bitsandbytes 0.50.2's CPU kernels 0.14x
+  and 0.34x (they run native 4-bit code, which this module does not ship).
 """
 from __future__ import annotations
 
@@ -49,7 +57,7 @@ __all__ = ["check_state", "nf4_dequantize", "nf4_linear_fwd", "nf4_linear_bwd_dx
 PATHS = ("auto", "gemv", "tiled", "full")
 TILE_ELEMS = 1 << 19          # elements decoded per tile: 2 MiB fp32 (+1 MiB int32 index, pairs)
 GEMV_MIN_NUMEL = 1 << 20      # smaller weights: the tiled path is fast enough, no compile
-FULL_MIN_M = 64               # rows from which one GEMM over the whole weight wins
+FULL_MIN_M = 1024             # rows from which one GEMM over the whole weight wins (measured)
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -199,6 +199,7 @@ def test_auto_path_choice(monkeypatch):
     state = (None, None, (2048, 1024), 64, None, None)
     assert nf4_cpu._pick("auto", 1, state, FP32) == ("gemv" if nf4_cpu.gemv_available() else "tiled")
     assert nf4_cpu._pick("auto", 2, state, FP32) == "tiled"
+    assert nf4_cpu._pick("auto", nf4_cpu.FULL_MIN_M - 1, state, FP32) == "tiled"
     assert nf4_cpu._pick("auto", nf4_cpu.FULL_MIN_M, state, FP32) == "full"
     assert nf4_cpu._pick("auto", 1, (None, None, (64, 64), 64, None, None), FP32) == "tiled"  # tiny
     assert nf4_cpu._pick("auto", 1, (None, None, (2048, 1000), 64, None, None), FP32) == "tiled"  # K % 64

@@ -1,5 +1,5 @@
 """The optimizers' bridge to `fastpeft.kernels`: argument checks and the backend choice for the
-8-bit AdamW update (meant to become fastpeft/ops/optim.py).
+8-bit AdamW update (fastpeft/ops/optim.py).
 
 Backends as everywhere in fastpeft (`fastpeft.ops.resolve_backend`): the fused Triton kernel
 (kernels/optim.py) when the parameter is on CUDA or ``FASTPEFT_BACKEND=triton``, else

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from fastpeft.batching import MixedBatch, TokenGroups
+from fastpeft.methods.base import ModulesToSaveWrapper
+from fastpeft.methods.lora import LoraLinear, LoraModel, NF4LoraLinear
 
 __all__ = ["BASE", "AdapterBank", "AdapterIds", "MixedBatch", "TokenGroups", "check_mixed_batch",
            "mixed_batch", "sync_banks"]  # MixedBatch, TokenGroups: per batch, from fastpeft.batching
@@ -189,9 +191,6 @@ class AdapterIds:
 
 def _walk(peft_model: nn.Module) -> tuple[list[nn.Module], bool]:
     """The model's LoRA layers and whether it has modules_to_save wrappers, in one module walk."""
-    from fastpeft.methods.base import ModulesToSaveWrapper
-    from fastpeft.methods.lora import LoraLinear
-
     # not nn.Module.modules(): every call of a mixed forward walks the model, and a LoRA layer
     # holds ~3 submodules per adapter that can hold neither kind, so the walk stops at it
     layers, wrapped, stack = [], False, [peft_model.base_model.model]
@@ -207,8 +206,6 @@ def _walk(peft_model: nn.Module) -> tuple[list[nn.Module], bool]:
 
 def check_mixed_batch(peft_model: nn.Module, adapter_names: Any, walk=None) -> list[str]:
     """PEFT's checks for `adapter_names`, before anything runs; returns the names as a list."""
-    from fastpeft.methods.lora import LoraLinear, LoraModel, NF4LoraLinear
-
     tuner = peft_model.base_model
     if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")

@@ -72,10 +72,12 @@ def _info() -> int:
     lines.append(f"backend:  {backend}  (what fastpeft.ops picks for tensors on {device}; "
                  + ", ".join(f"{k}={v}" for k, v in env.items()) + ")")
     import fastpeft
+    from fastpeft import registry
 
     for name, version in bench.package_versions().items():
         where = f"  ({os.path.dirname(fastpeft.__file__)})" if name == "fastpeft" else ""
         lines.append(f"{name + ':':<14}{version}{where}")
+    lines.append(f"methods:  {', '.join(registry.methods())}  (peft_type, as registered)")
     print("\n".join(lines))
     return 0
 

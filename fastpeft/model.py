@@ -15,9 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from fastpeft import checkpoint
+from fastpeft import checkpoint, multi, registry
 from fastpeft.config import PeftConfig
-from fastpeft.methods import TUNERS
 from fastpeft.methods.base import BaseTuner
 from fastpeft.quant.nf4 import Linear4bit
 
@@ -37,10 +36,7 @@ def _accept_noop(where: str, kwargs: dict[str, Any]) -> None:
 
 
 def _tuner_class(config: PeftConfig) -> type[BaseTuner]:
-    try:
-        return TUNERS[config.peft_type]
-    except KeyError:
-        raise ValueError(f"peft_type {config.peft_type!r} has no tuner; known: {sorted(TUNERS)}") from None
+    return registry.tuner(config)
 
 
 class PeftModel(nn.Module):
@@ -132,8 +128,6 @@ class PeftModel(nn.Module):
         """`adapter_names` (LoRA, eval mode): row i runs adapter `adapter_names[i]` ("__base__":
         none), all adapters in one launch per layer (fastpeft/multi.py); without autograd."""
         if adapter_names is not None:
-            from fastpeft import multi
-
             with multi.mixed_batch(self, adapter_names):
                 return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
@@ -141,8 +135,6 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         """transformers' generate; `adapter_names` as in forward, repeated num_beams times (PEFT)."""
         if adapter_names is not None:
-            from fastpeft import multi
-
             with multi.mixed_batch(self, adapter_names, num_beams=kwargs.get("num_beams")):
                 return self.base_model.model.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
@@ -214,10 +206,9 @@ class PeftModel(nn.Module):
         _accept_noop("from_pretrained", kwargs)
         directory = os.path.join(model_id, subfolder or "")
         config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
-        if config.is_prompt_learning:  # PEFT's other layout: the prompt path lives in fastpeft/prompting.py
-            from fastpeft import prompting
-
-            return prompting.from_pretrained(model, directory, config, adapter_name, is_trainable)
+        load = registry.family(config).load  # prompt learning: PEFT's other layout (fastpeft/prompting.py)
+        if load is not None:
+            return load(model, directory, config, adapter_name, is_trainable)
         config.inference_mode = not is_trainable
         state = checkpoint.read_adapter(directory)
         planner = _tuner_class(config)(model, {})
@@ -290,9 +281,12 @@ def get_peft_model(
 ) -> PeftModel:
     """Wrap `model` with a new adapter made from `peft_config` (PEFT's entry point)."""
     _accept_noop("get_peft_model", kwargs)
-    if peft_config.is_prompt_learning:  # PEFT's other layout: the prompt path lives in fastpeft/prompting.py
-        from fastpeft import prompting
+    # the family's builder: `_build` below, or fastpeft/prompting.py's for prompt learning
+    return registry.family(peft_config).build(model, peft_config, adapter_name)
 
-        return prompting.get_prompt_model(model, peft_config, adapter_name)
-    cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name)
+
+def _build(model: nn.Module, peft_config: PeftConfig, adapter_name: str) -> PeftModel:
+    return TASK_MODELS.get(peft_config.task_type, PeftModel)(model, peft_config, adapter_name)
+
+
+registry.register_family("layers", build=_build)

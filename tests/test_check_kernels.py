@@ -5,6 +5,9 @@ The end-to-end tests compile for sm_90a and sm_80 with the ptxas/cuobjdump of th
 kernels (tests/check_toy_kernels.py) pin the class of bug this exists for: a kernel the
 interpreter runs correctly and the compiler rejects must fail CI. The parsers are tested on
 ptxas / cuobjdump / SASS / TTIR / PTX text recorded from Triton 3.9's toolchain.
+
+Cost, measured on the 2-core CI machine with a cold Triton cache: `--quick` (31 units x 2 targets)
+46 s, the toy runs 12 s, this whole file 60 s.
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """The outputs of `fastpeft check-kernels`: the printed table, the JSON file, bench/KERNELS.md.
 
-The NF4 bytes-per-launch model: what one NF4 launch must read at the least, from the shapes
-alone (each byte once): packed codes N*K/2; absmax, one per 64-element block (a uint8 code with
-double quant, else fp32); the nested fp32 scales, one per 256 absmax codes, and the offset; the
-activations x (M*K); the LoRA factors A and B ((K + N) * r); and the output write (M*N). The floor
-is those bytes over 3.35 TB/s, the H100 SXM's HBM3 bandwidth, so a GPU run of bench/gpu.sh shows
-how far each kernel is from it.
+The NF4 bytes-per-call model: what one NF4 layer call (its launches together) must move at the
+least, from the shapes alone (each byte once): packed codes N*K/2; absmax, one per 64-element
+block (a uint8 code with double quant, else fp32); the nested fp32 scales, one per 256 absmax
+codes, and the offset; the activations x (M*K; dY, M*N, for the input gradient); the LoRA factors
+A and B ((K + N) * r); and the output write. Split-K partials are not counted: they are the
+implementation's overhead, not the problem's. The floor is those bytes over 3.35 TB/s, the H100
+SXM's HBM3 bandwidth, so a GPU run of bench/gpu.sh shows how far each kernel is from it.
 """
 from __future__ import annotations
 
@@ -111,8 +112,25 @@ def format_table(result: dict, *, details: bool = True) -> str:
     return "\n".join(lines)
 
 
+def by_kernel(result: dict) -> list[str]:
+    """A Markdown table: unit x targets failing each criterion, per kernel."""
+    names = ("compile", "spills", "smem", "tensor-cores", "decode-grid", "nf4-loads", "nf4-smem", "nf4-grid")
+    counts: dict[str, dict[str, int]] = {}
+    for row in result["rows"]:
+        kern = result["units"][row["uid"]]["kernel"].split(":")[-1]
+        c = counts.setdefault(kern, {"rows": 0, "ok": 0, **{n: 0 for n in names}})
+        c["rows"] += 1
+        c["ok"] += not row["failures"]
+        for n in {f.split(":")[0] for f in row["failures"]}:
+            c[n] = c.get(n, 0) + 1
+    lines = [_md(["kernel", "unit x targets", "pass", *names]), _md(["---"] * (len(names) + 3))]
+    for kern, c in counts.items():
+        lines.append(_md([kern, str(c["rows"]), str(c["ok"]), *(str(c[n]) for n in names)]))
+    return lines
+
+
 def _findings(result):
-    out = []
+    out = [*by_kernel(result), ""]
     fails = [(row, f) for row in result["rows"] for f in row["failures"]]
     out.append(f"Failures: {len(fails) + len(result['problems'])}")
     for row, f in fails:
@@ -167,12 +185,13 @@ def write_json(result: dict, path: str) -> None:
 
 
 def nf4_bytes(result: dict) -> list[dict]:
-    """The bytes-per-launch model (module docstring) for every NF4 layer scenario of the run."""
+    """The bytes-per-call model (module docstring) of every NF4 layer call of the run: forward
+    (x [M, K] in, [M, N] out), input gradient (dY [M, N] in, [M, K] out) and dequantize ([N, K] out)."""
     seen, out = set(), []
     for u in result["units"]:
         for L in u["launches"]:
             sc = L["scenario"]
-            if not sc.get("nf4") or not sc.get("M") or not packed_arg(L):
+            if sc.get("family") not in ("nf4_fwd", "nf4_dx", "nf4_dequant") or not packed_arg(L):
                 continue
             key = (sc["family"], sc["M"], sc["K"], sc["N"], sc["rank"], sc["dtype"], sc.get("nested", True))
             if key in seen:
@@ -181,15 +200,16 @@ def nf4_bytes(result: dict) -> list[dict]:
             fam, M, K, N, r, dt, nested = key
             elt, numel = _ELT[dt], N * K
             blocks = -(-numel // 64)
+            rows_in, rows_out = (N, K) if fam == "nf4_dx" else (K, N)
             parts = {"codes": numel // 2, "absmax": blocks * (1 if nested else 4),
-                     "nested": (-(-blocks // 256) * 4 + 4) if nested else 0, "x": M * K * elt,
-                     "lora": (K + N) * r * elt if r else 0, "out": M * N * elt}
+                     "nested": (-(-blocks // 256) * 4 + 4) if nested else 0, "x": M * rows_in * elt,
+                     "lora": (K + N) * r * elt, "out": numel * elt if fam == "nf4_dequant" else M * rows_out * elt}
             total = sum(parts.values())
             weight = parts["codes"] + parts["absmax"] + parts["nested"]
-            out.append({"family": fam, "M": M, "K": K, "N": N, "rank": r, "dtype": dt, "nested": nested, **parts,
+            out.append({"family": fam, "M": M, "K": K, "N": N, "rank": r, "dtype": dt, "double_quant": nested, **parts,
                         "total": total, "weight_floor_us": round(weight / HBM_BYTES_PER_S * 1e6, 2),
                         "floor_us": round(total / HBM_BYTES_PER_S * 1e6, 2)})
-    out.sort(key=lambda d: (d["family"], d["K"], d["N"], d["M"], d["rank"], d["dtype"], not d["nested"]))
+    out.sort(key=lambda d: (d["family"], d["K"], d["N"], d["M"], d["rank"], d["dtype"], not d["double_quant"]))
     return out
 
 
@@ -212,10 +232,11 @@ def markdown(result: dict, command: str) -> str:
         "kernels: the packed weight's loads, from the PTX), programs per launch (range over the "
         "scenarios that launch the unit), status against the criteria of fastpeft/check/criteria.py.",
         "",
-        "## NF4 bytes per launch",
+        "## NF4 bytes per call",
         "",
-        "What each NF4 launch must move at the least (bytes), and the time that takes at 3.35 TB/s "
-        "(H100 SXM HBM3): `weight floor` counts codes + absmax + nested, `floor` everything.",
+        "What each NF4 layer call must move at the least (bytes; its launches together, split-K "
+        "partials not counted), and the time that takes at 3.35 TB/s (H100 SXM HBM3): `weight "
+        "floor` counts codes + absmax + nested, `floor` everything (x is dY for nf4_dx).",
         "",
         _md(["family", "M", "K->N", "r", "dtype", "dq", "codes", "absmax", "nested", "x", "LoRA", "out", "total",
              "weight floor us", "floor us"]),
@@ -223,7 +244,7 @@ def markdown(result: dict, command: str) -> str:
     ]
     for d in nf4_bytes(result):
         lines.append(_md([d["family"], str(d["M"]), f"{d['K']}->{d['N']}", str(d["rank"]), d["dtype"],
-                          "yes" if d["nested"] else "no", *(f"{d[k]:,}" for k in ("codes", "absmax", "nested", "x",
+                          "yes" if d["double_quant"] else "no", *(f"{d[k]:,}" for k in ("codes", "absmax", "nested", "x",
                                                                                   "lora", "out", "total")),
                           f"{d['weight_floor_us']:.2f}", f"{d['floor_us']:.2f}"]))
     lines += ["", "## Per kernel x config x target", "", format_table(result), ""]

@@ -11,7 +11,7 @@ Failures (the check exits non-zero on any):
   decode-grid    at M = 1 on a 4096x4096 layer, a decode launch has >= one program per SM
                  (132 on H100, 108 on A100);
   nf4-loads      an NF4 kernel loads its packed weight >= 8 bytes per load instruction;
-  nf4-smem       an NF4 decode config (M <= 16) uses <= 64 KB of shared memory;
+  nf4-smem       an NF4 decode config (a decode family or dX at M <= 16) uses <= 64 KB of smem;
   nf4-grid       at M = 1 on 4096x4096, a launch that streams the packed weight has >= two
                  programs per SM (264 on H100, 216 on A100).
 Warnings (reported, not failing): HMMA instead of HGMMA on sm_90a, local-memory traffic without
@@ -97,7 +97,9 @@ def evaluate(unit: dict, arch: int, r: dict) -> tuple[list[str], list[str]]:
         elif min(widths) < NF4_MIN_LOAD:
             fails.append(f"nf4-loads: {arg} loaded {min(widths)} B wide ({sum(widths.values())} loads: "
                          + ", ".join(f"{w} B x{n}" for w, n in sorted(widths.items())) + f"), need >= {NF4_MIN_LOAD}")
-        if any(L["scenario"].get("M", 0) and L["scenario"]["M"] <= 16 for L in nf4) and r["shared"] > NF4_DECODE_SMEM:
+        decode = [L for L in nf4 if L["scenario"].get("family") in (*DECODE_FAMILIES, "nf4_dx")
+                  and 0 < L["scenario"].get("M", 0) <= 16]
+        if decode and r["shared"] > NF4_DECODE_SMEM:
             fails.append(f"nf4-smem: decode config uses {r['shared']} B > {NF4_DECODE_SMEM} B")
         for L in nf4:
             if _is_layer(L["scenario"], 1) and L["scenario"].get("family") in DECODE_FAMILIES:

@@ -209,7 +209,8 @@ def nf4_bytes(result: dict) -> list[dict]:
             out.append({"family": fam, "M": M, "K": K, "N": N, "rank": r, "dtype": dt, "double_quant": nested, **parts,
                         "total": total, "weight_floor_us": round(weight / HBM_BYTES_PER_S * 1e6, 2),
                         "floor_us": round(total / HBM_BYTES_PER_S * 1e6, 2)})
-    out.sort(key=lambda d: (d["family"], d["K"], d["N"], d["M"], d["rank"], d["dtype"], not d["double_quant"]))
+    order = {"nf4_fwd": 0, "nf4_dx": 1, "nf4_dequant": 2}
+    out.sort(key=lambda d: (order[d["family"]], d["K"], d["N"], d["M"], d["rank"], d["dtype"], not d["double_quant"]))
     return out
 
 
@@ -243,7 +244,7 @@ def markdown(result: dict, command: str) -> str:
         _md(["---"] * 15),
     ]
     for d in nf4_bytes(result):
-        lines.append(_md([d["family"], str(d["M"]), f"{d['K']}->{d['N']}", str(d["rank"]), d["dtype"],
+        lines.append(_md([d["family"], str(d["M"] or "-"), f"{d['K']}->{d['N']}", str(d["rank"] or "-"), d["dtype"],
                           "yes" if d["double_quant"] else "no", *(f"{d[k]:,}" for k in ("codes", "absmax", "nested", "x",
                                                                                   "lora", "out", "total")),
                           f"{d['weight_floor_us']:.2f}", f"{d['floor_us']:.2f}"]))

@@ -24,6 +24,17 @@ from fastpeft.model import (
     get_peft_model,
 )
 from fastpeft.quant.nf4 import Linear4bit, NF4Config, quantize_model
+from fastpeft.compat_alias import install_as_peft
+from fastpeft.utils import (
+    PeftType,
+    PeftWarning,
+    TaskType,
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 try:  # the installed distribution's version: one source, pyproject.toml
     __version__ = _metadata.version("fastpeft")
@@ -51,6 +62,8 @@ __all__ = [
     "PeftModelForFeatureExtraction",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftType",
+    "PeftWarning",
     "PrefixEncoder",
     "PrefixTuningConfig",
     "PromptEmbedding",
@@ -60,8 +73,15 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "TaskType",
     "UniPELTConfig",
     "UniPELTModel",
+    "get_base_model_state_dict",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "install_as_peft",
     "quantize_model",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
 ]

@@ -48,8 +48,7 @@ _SAVED: dict[str, object] = {}
 
 def install_as_peft() -> None:
     """Alias `peft` and `peft.<sub>` to fastpeft in `sys.modules` (idempotent)."""
-    import fastpeft
-
+    fastpeft = sys.modules[__name__.rpartition(".")[0]]  # the package this module belongs to
     if sys.modules.get("peft") is fastpeft:
         return
     for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:

@@ -77,7 +77,11 @@ def _short(text: str, n: int) -> str:
 
 
 def _tests(rows: list[dict]) -> dict[str, dict]:
-    return {r["id"]: r for r in rows if r.get("kind") in ("test", "not_collected")}
+    out = {r["id"]: r for r in rows if r.get("kind") == "test"}
+    for r in rows:  # an id the baseline ran that this run did not collect
+        if r.get("kind") == "not_collected" and r["id"] not in out:
+            out[r["id"]] = {**r, "outcome": "not_collected"}
+    return out
 
 
 def summarize(runs: dict[str, list[dict]], files) -> dict:
@@ -177,10 +181,16 @@ def render(summary: dict, version: str, sample: int, times: dict) -> str:
         lines.append(f"| {f} | {s['collected']} | {s['unsampled']} | {s['run']} | {s['counted']} | "
                      + " | ".join(cells) + " |")
     lines += ["", "### Excluded, with the reason", ""]
+    plan = "method not in fastpeft's plan: "
     for f, s in summary["files"].items():
         lines.append(f"- **{f}**")
+        methods = {r[len(plan):]: n for r, n in s["excluded"].items() if r.startswith(plan)}
+        if methods:
+            listed = ", ".join(f"{m} {n}" for m, n in methods.items())
+            lines.append(f"  - {sum(methods.values())}: methods not in fastpeft's plan ({listed})")
         for reason, n in s["excluded"].items():
-            lines.append(f"  - {n}: {reason}")
+            if not reason.startswith(plan):
+                lines.append(f"  - {n}: {reason}")
     for impl, s in summary["impls"].items():
         lines += ["", f"## Gaps ({impl}), most frequent first", ""]
         lines.append("Causes: " + ", ".join(f"{c} {s['causes'].get(c, 0)}" for c in CAUSES) + ".")

@@ -10,12 +10,14 @@ $FASTPEFT_PEFT_TESTS_CACHE or ~/.cache/fastpeft/peft-tests/<version>; (2) run FI
 PEFT, which decides the scope (methods and LoRA variants outside the plan are excluded) and the
 sample; (3) run the same ids against fastpeft (the shim: fastpeft's top-level names, PEFT's
 submodules) and in strict mode (fastpeft only); (4) classify every failure and write the report.
-Each pytest run has a wall-clock limit and runs in its own process.
+Each pytest run has a wall-clock limit and runs in its own process; with $FASTPEFT_CPU_LOCK set,
+each takes that lock first (`flock`), as every test run on the shared machine must.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -71,24 +73,37 @@ def fetch_tests(version: str | None = None) -> str:
     return root
 
 
+def plugin_path() -> str:
+    """A folder holding only a link to compat/, for PYTHONPATH: the repository root must not go on
+    sys.path, its `kernels/` folder would shadow the hub's `kernels` package (DESIGN.md)."""
+    base = os.path.join(os.path.dirname(cache_dir("x")), "pythonpath",
+                        hashlib.sha1(ROOT.encode()).hexdigest()[:12])
+    link = os.path.join(base, "compat")
+    if not os.path.islink(link):
+        os.makedirs(base, exist_ok=True)
+        os.symlink(os.path.join(ROOT, "compat"), link)
+    return base
+
+
 def run_pytest(root: str, impl: str, out: str, files=FILES, extra=(), timeout: int = 3600) -> float:
     """One pytest process over PEFT's `files` with `import peft` as `impl`; returns seconds."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([plugin_path(), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     env.setdefault("TRITON_INTERPRET", "1")
     env.setdefault("FASTPEFT_BACKEND", "torch")
+    lock = os.environ.get("FASTPEFT_CPU_LOCK")  # a shared machine: each pytest run takes the lock
     cmd = [
+        *(["flock", lock] if lock else []), "timeout", str(timeout),
         sys.executable, "-m", "pytest", "-c", INI, "--rootdir", root, "-p", "compat.peft_plugin",
-        "-p", "no:cacheprovider", "-q", "--no-header",
+        "-p", "no:cacheprovider", "-q", "--no-header", "--continue-on-collection-errors",
         f"--peft-impl={impl}", f"--compat-out={out}", *extra,
         *[os.path.join(root, "tests", f) for f in files],
     ]
     start = time.perf_counter()
-    try:
-        subprocess.run(cmd, cwd=root, env=env, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
+    rc = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    if rc == 124:
         print(f"  {impl}: stopped after {timeout}s (the report counts what finished)", file=sys.stderr)
     return time.perf_counter() - start
 
@@ -109,6 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="folder for the raw JSON lines (default: a temp dir)")
     parser.add_argument("--report", default=REPORT)
     parser.add_argument("--reuse", action="store_true", help="reuse the baseline of a previous --work run")
+    parser.add_argument("--render-only", action="store_true", help="only rewrite the report from --work's results")
     args = parser.parse_args(argv)
 
     version = peft_version()
@@ -117,7 +133,7 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     base_out, ids = os.path.join(work, "peft.jsonl"), os.path.join(work, "ids.txt")
     times = {}
-    if not (args.reuse and os.path.isfile(base_out)):
+    if not ((args.reuse or args.render_only) and os.path.isfile(base_out)):
         print(f"PEFT {version} tests in {root}; baseline (real PEFT), sample={args.sample} ...", file=sys.stderr)
         times["peft"] = run_pytest(root, "peft", base_out, args.files,
                                    ["--compat-scope", f"--compat-sample={args.sample}"], args.timeout)
@@ -127,8 +143,9 @@ def main(argv=None) -> int:
     runs = {"peft": base}
     for impl in ("fastpeft",) if args.no_strict else ("fastpeft", "strict"):
         out = os.path.join(work, f"{impl}.jsonl")
-        print(f"{impl} ...", file=sys.stderr)
-        times[impl] = run_pytest(root, impl, out, args.files, [f"--compat-ids={ids}"], args.timeout)
+        if not args.render_only:
+            print(f"{impl} ...", file=sys.stderr)
+            times[impl] = run_pytest(root, impl, out, args.files, [f"--compat-ids={ids}"], args.timeout)
         runs[impl] = read_rows(out)
     summary = classify.summarize(runs, args.files)
     text = classify.render(summary, version=version, sample=args.sample, times=times)

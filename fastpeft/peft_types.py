@@ -8,7 +8,15 @@ from __future__ import annotations
 import enum
 
 
-class PeftType(str, enum.Enum):
+class _StrEnum(str, enum.Enum):
+    """A str-enum whose f-string is its value ("LORA"), on every Python version; str() and repr()
+    stay Enum's (PEFT's, so test ids and reprs match)."""
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class PeftType(_StrEnum):
     """Every PEFT method's type name, as PEFT spells it; fastpeft implements some of them."""
 
     PROMPT_TUNING = "PROMPT_TUNING"
@@ -63,7 +71,7 @@ class PeftType(str, enum.Enum):
     UNIPELT = "UNIPELT"
 
 
-class TaskType(str, enum.Enum):
+class TaskType(_StrEnum):
     """PEFT's task types (they pick the PeftModel subclass and the trained head)."""
 
     SEQ_CLS = "SEQ_CLS"

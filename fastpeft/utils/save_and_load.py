@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpeft import checkpoint
-from fastpeft.methods import TUNERS
+from fastpeft import checkpoint, registry
 from fastpeft.methods.base import BaseTuner, ModulesToSaveWrapper
 
 IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
@@ -33,10 +32,7 @@ def _tuner_and_prefix(model: nn.Module, adapter_name: str) -> tuple[BaseTuner, s
     config = configs[adapter_name]
     if getattr(config, "is_prompt_learning", False):
         raise ValueError("prompt-learning adapters have no injected layers; use the PeftModel")
-    try:
-        tuner_cls = TUNERS[config.peft_type]
-    except KeyError:
-        raise ValueError(f"Unknown PEFT type passed: {config.peft_type}") from None
+    tuner_cls = registry.tuner(config)  # ValueError for a peft_type without a tuner
     # A view over a model that inject_adapter_in_model changed: it holds no state of its own.
     return tuner_cls(model, configs), checkpoint.PREFIX
 
@@ -124,8 +120,8 @@ def inject_adapter_in_model(
     if state_dict is not None:
         raise NotImplementedError("inject_adapter_in_model(state_dict=...): fastpeft does not implement it")
     try:
-        tuner_cls = TUNERS[peft_config.peft_type]
-    except KeyError:
+        tuner_cls = registry.tuner(peft_config)
+    except ValueError:
         raise ValueError(
             f"`inject_adapter_in_model` does not support {peft_config.peft_type} yet. Please use `get_peft_model`."
         ) from None
@@ -147,8 +143,9 @@ def inject_adapter_in_model(
 
 def _adapter_segments() -> set[str]:
     names = {"modules_to_save"}
-    for tuner in TUNERS.values():
-        names.update(tuner.layer_cls.adapter_layer_names)
+    for method in registry.methods().values():
+        if method.tuner is not None:
+            names.update(method.tuner.layer_cls.adapter_layer_names)
     return names
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from fastpeft import registry
+from fastpeft.peft_types import PeftType
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -37,8 +38,9 @@ class PeftConfig:
     inference_mode: bool = field(default=False, metadata={"help": "Load frozen, for inference only."})
 
     @property
-    def peft_type(self) -> str:
-        return self.PEFT_TYPE
+    def peft_type(self) -> PeftType | str:
+        """PEFT's `PeftType` member (a str-enum: it equals the plain string)."""
+        return PeftType(self.PEFT_TYPE) if self.PEFT_TYPE else self.PEFT_TYPE
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -46,7 +48,7 @@ class PeftConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        out["peft_type"] = self.peft_type
+        out["peft_type"] = self.PEFT_TYPE
         return dict(sorted(out.items()))
 
     @classmethod
@@ -85,6 +87,16 @@ class PeftConfig:
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump({**self.to_dict(), **extra}, f, indent=2, sort_keys=True)
             f.write("\n")
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object of a config file, as a dict (PEFT's classmethod; `from_dict` builds the config)."""
+        with open(path_json_file) as f:
+            data = json.load(f)
+        if "runtime_config" in data:
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored.", stacklevel=2)
+            del data["runtime_config"]
+        return data
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:

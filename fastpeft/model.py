@@ -11,14 +11,18 @@ import copy
 import functools
 import inspect
 import os
+import tempfile
 from typing import Any
 
+from huggingface_hub import HfApi
 from torch import nn
 
 from fastpeft import checkpoint, multi, registry
 from fastpeft.config import PeftConfig
 from fastpeft.methods.base import BaseTuner
 from fastpeft.quant.nf4 import Linear4bit
+from fastpeft.utils.model_card import write_model_card
+from fastpeft.utils.save_and_load import IncompatibleKeys
 
 SEQ_CLS_HEADS = ["classifier", "score"]
 # Keyword arguments of PEFT's methods that change nothing here (device placement, memory tricks,
@@ -179,6 +183,17 @@ class PeftModel(nn.Module):
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.save_pretrained(out, **self._auto_mapping(config))
+            write_model_card(out, config.base_model_name_or_path, config.PEFT_TYPE)
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload model", private: bool | None = None,
+                    token: str | None = None, **kwargs: Any):
+        """Save the adapters to a temporary folder and upload it to the hub repo `repo_id` (created
+        if missing), as PEFT's push_to_hub does through transformers."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
 
     def _adapter_state_dict(self, adapter_name: str) -> dict[str, Any]:
         """One adapter's tensors under PEFT's checkpoint keys (the prompt-learning model overrides it)."""
@@ -221,7 +236,7 @@ class PeftModel(nn.Module):
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
-    ) -> None:
+    ) -> IncompatibleKeys:
         """Add the adapter stored in `model_id` as `adapter_name` (not activated, as in PEFT)."""
         _accept_noop("load_adapter", kwargs)
         config = PeftConfig.from_pretrained(model_id)
@@ -233,6 +248,8 @@ class PeftModel(nn.Module):
         checkpoint.check_fits(state, expected, repr(os.fspath(model_id)))
         self.add_adapter(adapter_name, config)
         checkpoint.load_into(self.base_model, adapter_name, state)
+        # PEFT returns the adapter's missing/unexpected keys; check_fits refused any before loading
+        return IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
 
 def _signed_forward(peft_model: PeftModel) -> functools.partial:

@@ -272,6 +272,169 @@ def pl_check_mixed_batch():
     return check
 
 
+# -- methods with a peft oracle: the checks their tests share ------------------------------------
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _quiet(fn, *args, **kwargs):
+    """Call `fn` with warnings off (peft warns about our tiny models' module names)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def peft_oracle():
+    """`peft_oracle(base, config_name, **kwargs)`: real peft's model of that config, eval mode."""
+    return lambda base, config_name, **kwargs: _quiet(peft.get_peft_model, base, getattr(peft, config_name)(**kwargs)).eval()
+
+
+@pytest.fixture(scope="session")
+def oracle_twins(make_model, peft_oracle):
+    """`twins(arch, config_name, prepare=None, **kwargs) -> (ours, theirs)`: our model and peft's of
+    the same config on identical bases, eval mode, peft's holding our adapter weights (after
+    `prepare(ours)`, which makes them non-trivial)."""
+
+    def make(arch, config_name, prepare=None, **kwargs):
+        ours = fastpeft.get_peft_model(make_model(arch), getattr(fastpeft, config_name)(**kwargs)).eval()
+        if prepare is not None:
+            prepare(ours)
+        theirs = peft_oracle(make_model(arch), config_name, **kwargs)
+        theirs.load_state_dict(ours.state_dict())
+        return ours, theirs
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def check_peft_checkpoint_loads_here(make_model, make_inputs, run_model):
+    """`check(theirs, arch, tmp_path) -> ours`: peft's saved adapter loads here frozen, with peft's
+    outputs, which differ from the base model's."""
+
+    def check(theirs, arch, tmp_path):
+        theirs.save_pretrained(tmp_path)
+        ours = fastpeft.PeftModel.from_pretrained(make_model(arch), tmp_path)
+        inputs = make_inputs(arch)
+        with torch.no_grad():
+            expected = run_model(theirs, inputs)
+            torch.testing.assert_close(run_model(ours, inputs), expected, **TOL)
+            base = run_model(make_model(arch), inputs)
+        assert not torch.allclose(base, expected, atol=1e-3), "the adapter must change the output"
+        assert not any(p.requires_grad for p in ours.parameters()), "is_trainable=False loads frozen"
+        return ours
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def check_files_match_peft():
+    """`check(ours, theirs, tmp_path, exact=True) -> (mine, ref)`: both saved (to ours/ and theirs/):
+    the same tensor names and shapes (and values, when `exact`: the twins hold the same weights)
+    and the same adapter_config.json as peft reads it; returns both state dicts."""
+
+    def check(ours, theirs, tmp_path, exact=True):
+        from safetensors.torch import load_file
+
+        ours.save_pretrained(tmp_path / "ours")
+        theirs.save_pretrained(tmp_path / "theirs")
+        mine, ref = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(tmp_path / "theirs/adapter_model.safetensors")
+        assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in ref.items()}
+        if exact:
+            for key in ref:
+                torch.testing.assert_close(mine[key], ref[key], rtol=0, atol=0)
+        assert peft.PeftConfig.from_pretrained(tmp_path / "ours").to_dict() == peft.PeftConfig.from_pretrained(
+            tmp_path / "theirs"
+        ).to_dict()
+        return mine, ref
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def check_peft_loads_ours(make_model, make_inputs, run_model):
+    """`check(ours, arch, directory) -> in_peft`: real peft loads our saved adapter with our outputs."""
+
+    def check(ours, arch, directory):
+        in_peft = _quiet(peft.PeftModel.from_pretrained, make_model(arch), directory).eval()
+        inputs = make_inputs(arch)
+        with torch.no_grad():
+            torch.testing.assert_close(run_model(in_peft, inputs), run_model(ours, inputs), **TOL)
+        return in_peft
+
+    return check
+
+
+def _backward(model, inputs):
+    torch.manual_seed(0)  # the same dropout masks on both sides
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.fixture(scope="session")
+def check_fused_path_matches_peft(make_inputs, run_model):
+    """`check(ours, theirs, grad_atol)`, with the test on the `triton_backend` (the interpreter on a
+    CPU): forward, then one training step's loss and every gradient, as peft's."""
+
+    def check(ours, theirs, grad_atol):
+        inputs = make_inputs("llama", batch=1, seq=5)
+        with torch.no_grad():
+            torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-4, atol=1e-5)
+        ours.train()
+        theirs.train()
+        torch.testing.assert_close(_backward(ours, inputs), _backward(theirs, inputs), rtol=1e-4, atol=1e-5)
+        grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+        for n, p in ours.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=grad_atol, msg=lambda m, n=n: f"{n}: {m}")
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def check_training_step_matches_peft(make_inputs):
+    """`check(ours, theirs, arch) -> changed`: one backward gives peft's gradients; an SGD step on
+    ours; returns the names of the parameters it changed."""
+
+    def check(ours, theirs, arch):
+        inputs = make_inputs(arch)
+        before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+        for model in (ours, theirs):
+            _backward(model, inputs)  # (seeded: GPT-2's own dropouts draw the same masks in both)
+        grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+        for n, p in ours.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+        torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1).step()
+        return {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def adam_steps():
+    """`adam_steps(model, inputs, lr, steps=4, reseed=False) -> changed`: Adam steps on the tokens as
+    labels (re-seeded before each forward when `reseed`); asserts the loss went down and returns
+    the names of the parameters that moved."""
+
+    def run(model, inputs, lr, steps=4, reseed=False):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        losses = []
+        for _ in range(steps):
+            opt.zero_grad()
+            if reseed:
+                torch.manual_seed(0)
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+    return run
+
+
 # -- composite methods (MAM, UniPELT): no peft oracle; checks against their own definition -------
 def logits(model, inputs):
     with torch.no_grad():

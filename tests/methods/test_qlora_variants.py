@@ -122,17 +122,9 @@ def test_dora_training_gradients_match_peft(dropout, nf4, make_inputs):
         torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_dora_fused_kernel_path_matches_peft(triton_backend, nf4, make_inputs, run_model):
+def test_dora_fused_kernel_path_matches_peft(triton_backend, nf4, check_fused_path_matches_peft):
     """Forward and a training step through the NF4 Triton kernel (interpreter on a CPU)."""
-    ours, theirs = dora_pair(nf4)
-    inputs = make_inputs("llama", batch=1, seq=5)
-    with torch.no_grad():
-        torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-4, atol=1e-5)
-    ours.train()
-    torch.testing.assert_close(_train_step(ours, inputs), _train_step(theirs, inputs), rtol=1e-4, atol=1e-5)
-    ref = _grads(theirs)
-    for name, grad in _grads(ours).items():
-        torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    check_fused_path_matches_peft(*dora_pair(nf4), grad_atol=1e-5)
 
 
 def test_dora_eval_cache_is_keyed_on_the_codes(nf4, make_inputs, run_model, monkeypatch):
@@ -269,16 +261,8 @@ def test_adalora_training_allocates_the_same_ranks_as_peft(nf4, make_inputs, run
         torch.testing.assert_close(run_model(there, inputs), run_model(ours.eval(), inputs), rtol=1e-4, atol=1e-5)
 
 
-def test_adalora_fused_kernel_path_matches_peft(triton_backend, nf4, make_inputs, run_model):
-    ours, theirs = ada_pair(nf4)
-    inputs = make_inputs("llama", batch=1, seq=5)
-    with torch.no_grad():
-        torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-4, atol=1e-5)
-    ours.train()
-    torch.testing.assert_close(_train_step(ours, inputs), _train_step(theirs, inputs), rtol=1e-4, atol=1e-5)
-    ref = _grads(theirs)
-    for name, grad in _grads(ours).items():
-        torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+def test_adalora_fused_kernel_path_matches_peft(triton_backend, nf4, check_fused_path_matches_peft):
+    check_fused_path_matches_peft(*ada_pair(nf4), grad_atol=1e-6)
 
 
 def test_adalora_merge_on_nf4_requantizes(nf4, make_inputs, run_model):

@@ -127,7 +127,22 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.active_module(), name)  # e.g. `.weight` of a wrapped head
 
 
-class BaseTuner(nn.Module):
+class Wrapper(nn.Module):
+    """A module whose unknown attributes are those of the module it wraps, held as `INNER` (PEFT's
+    chain: PeftModel -> tuner -> the user's model)."""
+
+    INNER: ClassVar[str] = "model"
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self.INNER:
+                raise
+            return getattr(getattr(self, self.INNER), name)
+
+
+class BaseTuner(Wrapper):
     """Holds the user's model as `.model` and injects one method's layers into it (PEFT's `*Model`).
 
     Subclasses set `prefix` (the parameter-name prefix of the method, e.g. "lora_"), `layer_cls`,
@@ -143,14 +158,6 @@ class BaseTuner(nn.Module):
         self.model = model
         self.peft_config = peft_config  # shared with the PeftModel: {adapter name: config}
         self.active_adapter: str | None = None
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
 
     # -- subclass hooks ------------------------------------------------------------------------
     def _create_layer(self, target: nn.Module, adapter_name: str, config: Any, key: str) -> AdapterLayer | None:

@@ -364,6 +364,34 @@ def check_peft_loads_ours(make_model, make_inputs, run_model):
     return check
 
 
+@pytest.fixture(scope="session")
+def check_merge_matches_peft(make_model, make_inputs, run_model):
+    """`check(ours, theirs, arch, prefix, unmerge_tol=TOL) -> (merged, theirs_merged)`: the twins
+    agree, also disabled (then as the base model); merge keeps the output, unmerge restores it;
+    merge_and_unload gives the base model's class without any `prefix` parameter, as peft's does."""
+
+    def check(ours, theirs, arch, prefix, unmerge_tol=TOL):
+        inputs = make_inputs(arch)
+        with torch.no_grad():
+            unmerged = run_model(ours, inputs)
+            torch.testing.assert_close(unmerged, run_model(theirs, inputs), **TOL)
+            with ours.disable_adapter(), theirs.disable_adapter():
+                torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), **TOL)
+                torch.testing.assert_close(run_model(ours, inputs), run_model(make_model(arch), inputs))
+            ours.merge_adapter()
+            torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-4, atol=1e-5)
+            ours.unmerge_adapter()
+            torch.testing.assert_close(run_model(ours, inputs), unmerged, **unmerge_tol)
+            merged = ours.merge_and_unload()
+            assert not any(prefix in n for n, _ in merged.named_parameters())
+            assert type(merged) is type(make_model(arch))
+            theirs_merged = theirs.merge_and_unload()
+            torch.testing.assert_close(run_model(merged, inputs), run_model(theirs_merged, inputs), **TOL)
+        return merged, theirs_merged
+
+    return check
+
+
 def _backward(model, inputs):
     torch.manual_seed(0)  # the same dropout masks on both sides
     loss = model(**inputs, labels=inputs["input_ids"]).loss

@@ -63,25 +63,12 @@ def test_checkpoints_both_ways(arch, make_model, make_inputs, run_model, tmp_pat
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_merge_unmerge_and_unload_match_peft(arch, make_model, make_inputs, run_model, oracle_twins):
-    ours, theirs = twins(arch, oracle_twins)
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        unmerged = run_model(ours, inputs)
-        with ours.disable_adapter():
-            torch.testing.assert_close(run_model(ours, inputs), run_model(make_model(arch), inputs))
-        ours.merge_adapter()
-        torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-4, atol=1e-5)
-        ours.unmerge_adapter()
-        torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-4, atol=1e-5)
-        merged = ours.merge_and_unload()
-        assert not any("ia3_" in n for n, _ in merged.named_parameters())
-        assert type(merged) is type(make_model(arch))
-        theirs_merged = theirs.merge_and_unload()
-        torch.testing.assert_close(run_model(merged, inputs), run_model(theirs_merged, inputs), **TOL)
-        for (n, p), (n2, q) in zip(merged.state_dict().items(), theirs_merged.state_dict().items()):
-            assert n == n2
-            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+def test_merge_unmerge_and_unload_match_peft(arch, oracle_twins, check_merge_matches_peft):
+    merged, theirs_merged = check_merge_matches_peft(*twins(arch, oracle_twins), arch, "ia3_",
+                                                     unmerge_tol=dict(rtol=1e-4, atol=1e-5))
+    for (n, p), (n2, q) in zip(merged.state_dict().items(), theirs_merged.state_dict().items()):
+        assert n == n2
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -54,26 +54,8 @@ def test_checkpoint_loads_in_peft(arch, make_model, peft_model, tmp_path, check_
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_merge_disable_and_unload_match_peft(arch, make_model, make_inputs, run_model, peft_model):
-    kwargs = lora_kwargs(arch)
-    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs)).eval()
-    theirs = peft_model(make_model(arch), **kwargs)
-    theirs.load_state_dict(ours.state_dict())
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        unmerged = run_model(ours, inputs)
-        torch.testing.assert_close(unmerged, run_model(theirs, inputs), rtol=1e-5, atol=1e-5)
-        with ours.disable_adapter(), theirs.disable_adapter():
-            torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(run_model(ours, inputs), run_model(make_model(arch), inputs))
-        ours.merge_adapter()
-        torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-4, atol=1e-5)
-        ours.unmerge_adapter()
-        torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-5, atol=1e-5)
-        merged = ours.merge_and_unload()
-        assert not any("lora_" in n for n, _ in merged.named_parameters())
-        assert type(merged) is type(make_model(arch))
-        torch.testing.assert_close(run_model(merged, inputs), run_model(theirs.merge_and_unload(), inputs), rtol=1e-5, atol=1e-5)
+def test_merge_disable_and_unload_match_peft(arch, oracle_twins, check_merge_matches_peft):
+    check_merge_matches_peft(*oracle_twins(arch, "LoraConfig", **lora_kwargs(arch)), arch, "lora_")
 
 
 def test_multiple_adapters_switch_like_peft(make_model, make_inputs, run_model, tmp_path, peft_model):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import os
 from typing import Any
 
@@ -47,6 +49,7 @@ class PeftModel(Wrapper):
         self.peft_config: dict[str, PeftConfig] = {}
         self.base_model = _tuner_class(peft_config)(model, self.peft_config)
         self.add_adapter(adapter_name, peft_config)
+        self.forward = _signed_forward(self)
 
     # -- adapters ------------------------------------------------------------------------------
     @property
@@ -224,6 +227,23 @@ class PeftModel(Wrapper):
         checkpoint.check_fits(state, expected, repr(os.fspath(model_id)))
         self.add_adapter(adapter_name, config)
         checkpoint.load_into(self.base_model, adapter_name, state)
+
+
+def _signed_forward(peft_model: PeftModel) -> functools.partial:
+    """`peft_model.forward`, showing the wrapped model's parameters (plus `adapter_names`) to
+    `inspect.signature`: transformers' Trainer keeps only the batch columns that the forward
+    names (`remove_unused_columns`), and reads the base model's signature itself only for PEFT's
+    own classes. See docs/ecosystem.md."""
+    bound = functools.partial(type(peft_model).forward, peft_model)
+    try:
+        params = list(inspect.signature(peft_model.base_model.model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward inspect cannot read: keep our own signature
+        return bound
+    if "adapter_names" not in {p.name for p in params}:
+        at = len(params) - (bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+        params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+    bound.__signature__ = inspect.Signature(params)
+    return bound
 
 
 class PeftModelForCausalLM(PeftModel):

@@ -20,6 +20,9 @@ from fastpeft.ops.lora import LoraLinearFunction, dropout_lora, fused_fwd
 
 __all__ = ["nf4_quantize", "nf4_dequantize", "nf4_linear"]
 
+# the format's constants, for the modules above ops (fastpeft.quant)
+NF4_BLOCKSIZES, NESTED_BLOCKSIZE = reference.NF4_BLOCKSIZES, reference.NESTED_BLOCKSIZE
+
 def nf4_args(qweight) -> tuple:
     """(packed, absmax, shape, blocksize, nested, code4) from an NF4 weight, nested = None or
     (code8, nested_absmax, offset)."""

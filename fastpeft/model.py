@@ -19,7 +19,7 @@ from torch import nn
 
 from fastpeft import checkpoint, multi, registry
 from fastpeft.config import PeftConfig
-from fastpeft.methods.base import BaseTuner
+from fastpeft.methods.base import BaseTuner, Wrapper
 from fastpeft.quant.nf4 import Linear4bit
 from fastpeft.utils.model_card import write_model_card
 from fastpeft.utils.save_and_load import IncompatibleKeys
@@ -43,8 +43,10 @@ def _tuner_class(config: PeftConfig) -> type[BaseTuner]:
     return registry.tuner(config)
 
 
-class PeftModel(nn.Module):
+class PeftModel(Wrapper):
     """A model with named adapters injected; forward and generate go straight to the model."""
+
+    INNER = "base_model"  # unknown attributes are the tuner's (and so the model's)
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
@@ -145,14 +147,6 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
 
     # -- parameters ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from torch import nn
 from fastpeft import checkpoint, inject, registry
 from fastpeft.config import PeftConfig, PromptLearningConfig
 from fastpeft.hf_compat import cache_kwarg
-from fastpeft.methods.base import ModulesToSaveWrapper
+from fastpeft.methods.base import ModulesToSaveWrapper, delete_saved_copies
 from fastpeft.methods.prefix import prefix_cache
 from fastpeft.model import (
     SEQ_CLS_HEADS,
@@ -188,11 +188,7 @@ class PromptLearningModel(PeftModel):
         self._check_known(adapter_name)
         del self.prompt_encoder[adapter_name]
         del self.prompt_tokens[adapter_name]
-        for key, wrapper in list(self._wrappers()):
-            if adapter_name in wrapper.modules_to_save:
-                del wrapper.modules_to_save[adapter_name]
-            if not wrapper.modules_to_save:
-                inject.replace_module(self.base_model, key, wrapper.original_module)
+        delete_saved_copies(self.base_model, self._wrappers(), adapter_name)
         del self.peft_config[adapter_name]
         if self._active_adapter == adapter_name:
             self._active_adapter = next(iter(self.peft_config), None)

@@ -177,9 +177,10 @@ def _checkpoint_state(model: nn.Module, optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(_unwrap(model), optimizer)
-    rank = dist.get_rank()
-    for fqn, k in _rank_local_keys(optim_sd):
-        optim_sd["state"][fqn][f"{k}.rank{rank}"] = optim_sd["state"][fqn].pop(k)
+    rank, local = dist.get_rank(), set(_rank_local_keys(optim_sd))
+    # new dicts: the ones optim.state_dict() returns are the optimizer's live per-parameter state
+    optim_sd["state"] = {fqn: {f"{k}.rank{rank}" if (fqn, k) in local else k: v for k, v in state.items()}
+                         for fqn, state in optim_sd.get("state", {}).items()}
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -199,8 +200,7 @@ def load_checkpoint(model: nn.Module, optimizer, checkpoint_id: str | os.PathLik
 
     state = _checkpoint_state(model, optimizer)
     dcp.load(state, checkpoint_id=os.fspath(checkpoint_id))
-    optim_sd, rank = state["optim"], dist.get_rank()
-    for fqn, entries in optim_sd.get("state", {}).items():
-        for k in [k for k in entries if k.endswith(f".rank{rank}")]:
-            entries[k.removesuffix(f".rank{rank}")] = entries.pop(k)
+    optim_sd, suffix = state["optim"], f".rank{dist.get_rank()}"
+    optim_sd["state"] = {fqn: {k.removesuffix(suffix): v for k, v in entries.items()}
+                         for fqn, entries in optim_sd["state"].items()}
     set_state_dict(_unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=optim_sd)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import traceback
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,6 +90,9 @@ def _entry(rank: int, world: int, port: int, fn_name: str, kwargs: dict, out: st
         result = globals()[fn_name](rank, world, **kwargs)
         if rank == 0:
             torch.save(result, out)
+    except BaseException:
+        traceback.print_exc()  # before another rank's abort can hide it
+        raise
     finally:
         dist.destroy_process_group()
 

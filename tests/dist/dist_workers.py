@@ -90,6 +90,7 @@ def _entry(rank: int, world: int, port: int, fn_name: str, kwargs: dict, out: st
         result = globals()[fn_name](rank, world, **kwargs)
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     except BaseException:
         traceback.print_exc()  # before another rank's abort can hide it
         raise

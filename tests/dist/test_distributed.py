@@ -82,3 +82,34 @@ def test_dcp_resume_restores_model_and_optimizer(tmp_path, optim):
     got = W.run(W.fsdp_resume, ckpt=str(tmp_path / "ckpt"), optim=optim)
     assert got["resumed"] == got["straight"], got
     assert got["adapter_equal"]
+
+
+def test_example_script_under_torchrun_writes_an_adapter_that_loads_in_peft(tmp_path):
+    """examples/qlora_fsdp.py, as the docs launch it: `torchrun --nproc-per-node 2 ... --device cpu`."""
+    import subprocess
+
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    import fastpeft
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "adapter"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(W._free_port()),
+           os.path.join(root, "examples", "qlora_fsdp.py"), "--device", "cpu", "--steps", "3", "--output", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=85, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "step 3/3" in done.stdout and "PEFT format" in done.stdout
+    sys.path.insert(0, os.path.join(root, "examples"))
+    try:
+        import qlora_fsdp
+    finally:
+        sys.path.remove(os.path.join(root, "examples"))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    theirs = peft.PeftModel.from_pretrained(W.bnb_copy(qlora_fsdp.load_base(None, torch.float32)), str(out)).train()
+    ours = fastpeft.PeftModel.from_pretrained(qlora_fsdp.load_base(None, torch.float32), str(out)).train()
+    with torch.no_grad():
+        want = ours(input_ids=ids).logits
+        torch.testing.assert_close(theirs(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+        base = qlora_fsdp.load_base(None, torch.float32)(input_ids=ids).logits
+    assert not torch.allclose(base, want)  # the trained adapter changes the output

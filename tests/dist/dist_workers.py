@@ -39,11 +39,18 @@ def base_model(kind: str = "qlora", seed: int = 0, compute_dtype=torch.float32):
     return base
 
 
-def build(kind: str = "qlora", seed: int = 0, compute_dtype=torch.float32):
-    """`base_model(kind)` with LoRA on every linear layer; lora_B random too (seeded), so the
-    first step already runs the adapter's forward and backward."""
+def build(kind: str = "qlora", seed: int = 0, compute_dtype=torch.float32, frozen_adapter: bool = False):
+    """`base_model(kind)` with LoRA on every linear layer ("prompt": prompt tuning on the plain
+    model); lora_B random too (seeded), so the first step already runs the adapter's forward and
+    backward. `frozen_adapter`: a second, inactive LoRA adapter (frozen) rides along."""
+    if kind == "prompt":
+        torch.manual_seed(seed)
+        return fastpeft.get_peft_model(base_model("lora", seed), fastpeft.PromptTuningConfig(
+            num_virtual_tokens=4, task_type="CAUSAL_LM"))
     base = base_model(kind, seed, compute_dtype)
     model = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    if frozen_adapter:
+        model.add_adapter("frozen", fastpeft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -121,15 +128,15 @@ def _adapter(model) -> dict[str, torch.Tensor]:
     """The LoRA tensors, full (gathered from FSDP2 shards where sharded)."""
     out = {}
     for name, p in model.named_parameters():
-        if "lora_" in name:
+        if p.requires_grad:
             out[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
     return out
 
 
-def ddp_train(rank: int, world: int, kind: str = "qlora", steps: int = 3):
+def ddp_train(rank: int, world: int, kind: str = "qlora", steps: int = 3, frozen_adapter: bool = False):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(build(kind))
+    model = DDP(build(kind, frozen_adapter=frozen_adapter))  # find_unused_parameters=False
     opt = _optimizer(model, "adamw")
     losses = train(model, opt, batches(steps), rank, world)
     return {"losses": losses, "adapter": {k.removeprefix("module."): v for k, v in _adapter(model).items()}}

@@ -15,15 +15,19 @@ sys.path.insert(0, os.path.dirname(__file__))
 import dist_workers as W  # noqa: E402
 
 
-def _single_process(kind: str, steps: int, optim: str = "adamw"):
-    model = W.build(kind)
+def _single_process(kind: str, steps: int, optim: str = "adamw", **kw):
+    model = W.build(kind, **kw)
     losses = W.train(model, W._optimizer(model, optim), W.batches(steps))
     return losses, W._adapter(model)
 
 
-def test_ddp_two_ranks_on_half_batches_equal_one_process_on_the_full_batch():
-    got = W.run(W.ddp_train, kind="qlora", steps=3)
-    want_losses, want_adapter = _single_process("qlora", 3)
+@pytest.mark.parametrize("kind", ["qlora", "prompt"])
+def test_ddp_two_ranks_on_half_batches_equal_one_process_on_the_full_batch(kind):
+    """QLoRA with a second, frozen adapter, and prompt tuning: DDP's default
+    find_unused_parameters=False raises nothing, and the trained tensors match one process."""
+    kw = {"frozen_adapter": True} if kind == "qlora" else {}
+    got = W.run(W.ddp_train, kind=kind, steps=3, **kw)
+    want_losses, want_adapter = _single_process(kind, 3, **kw)
     torch.testing.assert_close(got["losses"], want_losses, atol=1e-5, rtol=0)
     assert got["adapter"].keys() == want_adapter.keys()
     for name, value in want_adapter.items():

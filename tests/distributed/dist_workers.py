@@ -1,4 +1,4 @@
-"""What each rank runs in tests/dist (imported by name in spawned processes: tests/ is not a package).
+"""What each rank runs in tests/distributed (imported by name in spawned processes: tests/ is not a package).
 
 `run(fn, world)` spawns `world` gloo ranks on this machine with torch.multiprocessing; each calls
 `fn(rank, world, **kwargs)` and rank 0's return value comes back to the caller.

@@ -150,11 +150,13 @@ class PeftModel(Wrapper):
 
     # -- parameters ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameters. A 4-bit base weight is a uint8 buffer here, not a
-        parameter; it counts as its two weights per byte, as PEFT counts bnb's Params4bit."""
+        """(trainable, all) parameters. A 4-bit base weight's frozen uint8 storage counts as its
+        packed bytes times two, as PEFT counts bnb's Params4bit; its absmax bytes do not count."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        packed = sum(m.weight.numel() * 2 for m in self.modules() if isinstance(m, Linear4bit))
-        return trainable, sum(p.numel() for p in self.parameters()) + packed
+        nf4 = [m for m in self.modules() if isinstance(m, Linear4bit)]
+        storage = {id(p) for m in nf4 for p in (m.weight, m.weight_absmax, m.weight_nested_absmax) if p is not None}
+        dense = sum(p.numel() for p in self.parameters() if id(p) not in storage)
+        return trainable, dense + sum(m.nbytes_packed * 2 for m in nf4)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -15,6 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from fastpeft import validation
+from fastpeft.errors import CheckpointError, CheckpointNotFoundError, ConfigTypeError
+
 CONFIG_NAME = "adapter_config.json"
 
 # Every method's config class, by `peft_type`; filled by `register_config` in fastpeft/methods/*.
@@ -41,6 +44,23 @@ class PeftConfig:
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Name or path of the base model."})
     revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
     inference_mode: bool = field(default=False, metadata={"help": "Load frozen, for inference only."})
+
+    def __post_init__(self):
+        validation.check_fields(self, type(self).__name__)
+
+    def __init_subclass__(cls, **kwargs: Any):
+        """Every config checks its fields' types before its own value rules run (a str where a
+        number belongs raises ConfigTypeError naming the field, not a TypeError from a compare)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_fields", False):
+            def __post_init__(self, _own=own):
+                validation.check_fields(self, type(self).__name__)
+                _own(self)
+
+            __post_init__._checks_fields = True
+            __post_init__.__doc__ = own.__doc__
+            cls.__post_init__ = __post_init__
 
     @property
     def peft_type(self) -> str:
@@ -84,20 +104,46 @@ class PeftConfig:
             warnings.warn(f"{target.__name__}: ignoring unknown config fields {sorted(unknown)}", stacklevel=2)
         return target(**kwargs)
 
+    def to_json_string(self, argument: str = "config", **extra: Any) -> str:
+        """adapter_config.json's text; numpy scalars become numbers, anything else JSON cannot
+        hold raises ConfigTypeError naming the field (before any file is touched)."""
+        data = {**self.to_dict(), **extra}
+        for key, value in data.items():
+            try:
+                json.dumps(value, default=_json_default)
+            except (TypeError, ValueError) as e:
+                raise ConfigTypeError(f"{argument}.{key}={value!r}: not JSON-serializable ({e})") from e
+        return json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+
     def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
-        """Write adapter_config.json; `extra` adds PEFT's bookkeeping keys (e.g. auto_mapping)."""
+        """Write adapter_config.json; `extra` adds PEFT's bookkeeping keys (e.g. auto_mapping).
+        Written to a temporary file beside it, then moved into place (never half a file)."""
+        text = self.to_json_string(**extra)
         os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump({**self.to_dict(), **extra}, f, indent=2, sort_keys=True)
-            f.write("\n")
+        path = os.path.join(save_directory, CONFIG_NAME)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
         path = os.path.join(directory, subfolder or "", CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.path.dirname(path)!r} (fastpeft loads local directories)")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+            raise CheckpointNotFoundError(
+                f"no {CONFIG_NAME} in {os.path.dirname(path)!r} (fastpeft loads local directories)")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path!r} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path!r}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
 
 
 @dataclass
@@ -124,6 +170,13 @@ class PromptLearningConfig(PeftConfig):
     @property
     def is_prompt_learning(self) -> bool:
         return True
+
+
+def _json_default(value: Any) -> Any:
+    """json.dumps' fallback: numpy scalars and arrays as Python numbers and lists."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _jsonable(value: Any) -> Any:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from fastpeft import validation
-from fastpeft.errors import CheckpointError, CheckpointNotFoundError, ConfigTypeError
+from fastpeft.errors import CheckpointError, CheckpointNotFoundError, ConfigError, ConfigTypeError, FastPeftError
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -55,9 +55,20 @@ class PeftConfig:
         own = cls.__dict__.get("__post_init__")
         if own is not None and not getattr(own, "_checks_fields", False):
             def __post_init__(self, _own=own):
-                validation.check_fields(self, type(self).__name__)
-                _own(self)
+                name = type(self).__name__
+                validation.check_fields(self, name, literals=False)  # types first: no raw TypeError
+                try:
+                    _own(self)  # the class's own rules, with their own messages
+                except FastPeftError:
+                    raise
+                except TypeError as e:
+                    raise ConfigTypeError(f"{name}: {e}") from e
+                except ValueError as e:
+                    raise ConfigError(str(e)) from e
+                if type(self).__post_init__ is wrapper:  # outermost (a subclass's rules may call super's)
+                    validation.check_fields(self, name)  # then what the class's rules left unchecked
 
+            wrapper = __post_init__
             __post_init__._checks_fields = True
             __post_init__.__doc__ = own.__doc__
             cls.__post_init__ = __post_init__
@@ -83,9 +94,9 @@ class PeftConfig:
         target = CONFIG_REGISTRY.get(peft_type) if peft_type else None
         if target is None:
             known = ", ".join(sorted(CONFIG_REGISTRY)) or "none"
-            raise ValueError(f"unknown peft_type {peft_type!r}; fastpeft implements: {known}")
+            raise ConfigError(f"unknown peft_type {peft_type!r}; fastpeft implements: {known}")
         if cls is not PeftConfig and not issubclass(target, cls):
-            raise ValueError(f"peft_type {peft_type!r} is not a {cls.__name__}")
+            raise ConfigError(f"peft_type {peft_type!r} is not a {cls.__name__}")
         names = {f.name for f in dataclasses.fields(target)}
         kwargs, refused, unknown = {}, [], []
         for key, value in data.items():

@@ -17,6 +17,8 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from fastpeft.errors import ConfigError
+
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
@@ -128,7 +130,7 @@ def find_targets(model: nn.Module, config: Any, skip: tuple[type, ...] = ()) -> 
     if not keys:
         _check_layers_to_transform(config, names)
         candidates = sorted({name.rsplit(".", 1)[-1] for name, m in walk(model, skip) if is_linear(m)})
-        raise ValueError(
+        raise ConfigError(
             f"Target modules {_show(config.target_modules)} not found in the base model. "
             f"Linear layers it has: {candidates}"
         )
@@ -148,7 +150,7 @@ def _check_layers_to_transform(config: Any, names: list[str]) -> None:
     indices = {i for i in (_layer_index(n, getattr(config, "layers_pattern", None)) for n in matched) if i is not None}
     if matched:
         count = max(indices) + 1 if indices else 0
-        raise ValueError(
+        raise ConfigError(
             f"layers_to_transform={layers!r} selects none of the target modules {_show(config.target_modules)}: "
             f"the model has {count} layers (indices 0..{count - 1})"
             + ("" if indices else f"; no numbered layer found (layers_pattern={config.layers_pattern!r})")

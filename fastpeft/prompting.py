@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpeft import checkpoint, inject
+from fastpeft import checkpoint, inject, validation
 from fastpeft.config import PeftConfig, PromptLearningConfig
 from fastpeft.hf_compat import cache_kwarg
 from fastpeft.methods import PROMPT_ENCODERS
 from fastpeft.methods.base import ModulesToSaveWrapper
 from fastpeft.methods.prefix import prefix_cache
+from fastpeft.transaction import transaction
 from fastpeft.model import (
     SEQ_CLS_HEADS,
     PeftModel,
@@ -135,11 +136,14 @@ class PromptLearningModel(PeftModel):
         return self._active_adapter
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Add a prompt encoder; the first adapter becomes active, later ones do not (PEFT's rule)."""
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter names are non-empty strings without '.', got {adapter_name!r}")
+        """Add a prompt encoder; the first adapter becomes active, later ones do not (PEFT's rule).
+        All or nothing: on a failure the model and the config are as they were."""
+        validation.check_new_adapter_name(adapter_name, self.peft_config)
+        validation.check_config(peft_config)
+        with transaction(self, dicts=[self.peft_config, self.prompt_tokens], objects=[peft_config]):
+            self._add_adapter(adapter_name, peft_config)
+
+    def _add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         if not peft_config.is_prompt_learning:
             raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a model holding prompt learning adapters")
         own = PROMPT_MODELS.get(peft_config.peft_type, {}).get(peft_config.task_type)
@@ -186,6 +190,10 @@ class PromptLearningModel(PeftModel):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
+        with transaction(self, dicts=[self.peft_config, self.prompt_tokens]):
+            self._delete_adapter(adapter_name)
+
+    def _delete_adapter(self, adapter_name: str) -> None:
         del self.prompt_encoder[adapter_name]
         del self.prompt_tokens[adapter_name]
         for key, wrapper in list(self._wrappers()):
@@ -387,12 +395,13 @@ class PromptLearningModel(PeftModel):
     ) -> None:
         """Add the adapter stored in `model_id` as `adapter_name` (not activated, as in PEFT)."""
         _accept_noop("load_adapter", kwargs)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
-        config = PeftConfig.from_pretrained(model_id)
+        validation.check_new_adapter_name(adapter_name, self.peft_config)
+        model_id = validation.check_directory(model_id, "model_id")
+        config = validation.check_config(PeftConfig.from_pretrained(model_id), f"config of {model_id!r}")
         state = _read_checked(self.base_model, model_id, config, is_trainable)
-        self.add_adapter(adapter_name, config)
-        _load_state(self, adapter_name, state)
+        with transaction(self, dicts=[self.peft_config, self.prompt_tokens]):
+            self.add_adapter(adapter_name, config)
+            _load_state(self, adapter_name, state)
 
 
 def _extend_mask(mask: torch.Tensor | None, num_virtual_tokens: int) -> torch.Tensor | None:

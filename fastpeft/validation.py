@@ -81,7 +81,7 @@ def check_known_adapter(name: Any, existing: Iterable[str], argument: str = "ada
         raise InputTypeError(f"{argument}={name!r}: expected one adapter name (a str), got {type(name).__name__}")
     existing = list(existing)
     if name not in existing:
-        raise AdapterNotFoundError(f"Adapter {name!r} not found ({argument}); adapters: {sorted(existing)}")
+        raise AdapterNotFoundError(f"Adapter {name!r} not found; adapters: {sorted(existing)} (argument {argument})")
     return name
 
 
@@ -120,9 +120,11 @@ def check_config(config: Any, argument: str = "peft_config") -> Any:
     return config
 
 
-def check_fields(config: Any, argument: str) -> None:
+def check_fields(config: Any, argument: str, literals: bool = True) -> None:
     """Each dataclass field of `config` against its annotation (None passes where the default is
-    None: filled in later); numpy scalars become Python numbers in place; floats must be finite."""
+    None: filled in later); numpy scalars become Python numbers in place; floats must be finite.
+    `literals=False` checks a Literal field's type only (its value is left to the class's own,
+    more specific, message)."""
     hints = _type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -133,7 +135,7 @@ def check_fields(config: Any, argument: str) -> None:
         hint = hints.get(f.name)
         if hint is None or (value is None and f.default is None):
             continue
-        if not _conforms(value, hint):
+        if not _conforms(value, hint if literals else _widen_literals(hint)):
             raise ConfigTypeError(f"{argument}.{f.name}={value!r} ({type(value).__name__}): expected "
                                   f"{_describe(hint)}")
         bad = _non_finite(value)
@@ -163,6 +165,16 @@ def _plain(value: Any) -> Any:
                 a is not b for a, b in zip(items, value)):
             return items
     return value
+
+
+def _widen_literals(hint: Any) -> Any:
+    """`hint` with each Literal replaced by the types of its values."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return typing.Union[tuple({type(a) for a in args})] if len({type(a) for a in args}) > 1 else type(args[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return typing.Union[tuple(_widen_literals(a) for a in args)]
+    return hint
 
 
 def _conforms(value: Any, hint: Any) -> bool:

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import os
 from typing import Any
 
 from torch import nn
 
-from fastpeft import checkpoint, validation
+from fastpeft import checkpoint, multi, registry, validation
 from fastpeft.config import PeftConfig
 from fastpeft.errors import ConfigError, InputTypeError
-from fastpeft.methods import TUNERS
 from fastpeft.methods.base import AdapterLayer, BaseTuner
 from fastpeft.quant.nf4 import Linear4bit
 from fastpeft.transaction import transaction
@@ -38,9 +39,9 @@ def _accept_noop(where: str, kwargs: dict[str, Any]) -> None:
 
 def _tuner_class(config: PeftConfig) -> type[BaseTuner]:
     try:
-        return TUNERS[config.peft_type]
-    except KeyError:
-        raise ConfigError(f"peft_type {config.peft_type!r} has no tuner; known: {sorted(TUNERS)}") from None
+        return registry.tuner(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 class PeftModel(nn.Module):
@@ -51,6 +52,7 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.base_model = _tuner_class(peft_config)(model, self.peft_config)
         self.add_adapter(adapter_name, peft_config)
+        self.forward = _signed_forward(self)
 
     # -- adapters ------------------------------------------------------------------------------
     @property
@@ -145,10 +147,7 @@ class PeftModel(nn.Module):
         """`adapter_names` (LoRA, eval mode): row i runs adapter `adapter_names[i]` ("__base__":
         none), all adapters in one launch per layer (fastpeft/multi.py); without autograd."""
         if adapter_names is not None:
-            from fastpeft import multi
-
             validation.check_mixed_names(adapter_names, self.peft_config, self.training, _batch_size(args, kwargs))
-
             with multi.mixed_batch(self, adapter_names):
                 return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
@@ -156,10 +155,7 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         """transformers' generate; `adapter_names` as in forward, repeated num_beams times (PEFT)."""
         if adapter_names is not None:
-            from fastpeft import multi
-
             validation.check_mixed_names(adapter_names, self.peft_config, self.training, _batch_size(args, kwargs))
-
             with multi.mixed_batch(self, adapter_names, num_beams=kwargs.get("num_beams")):
                 return self.base_model.model.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
@@ -242,11 +238,10 @@ class PeftModel(nn.Module):
         else:
             config = PeftConfig.from_pretrained(directory)
         validation.check_config(config, f"config of {os.fspath(directory)!r}")
-        if config.is_prompt_learning:  # PEFT's other layout: the prompt path lives in fastpeft/prompting.py
-            from fastpeft import prompting
-
+        load = registry.family(config).load  # prompt learning: PEFT's other layout (fastpeft/prompting.py)
+        if load is not None:
             with transaction(model):
-                return prompting.from_pretrained(model, directory, config, adapter_name, is_trainable)
+                return load(model, directory, config, adapter_name, is_trainable)
         config.inference_mode = not is_trainable
         state = checkpoint.read_adapter(directory)
         source = repr(os.fspath(directory))
@@ -302,6 +297,23 @@ def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
     return x.shape[0] if hasattr(x, "shape") and len(x.shape) >= 1 else None
 
 
+def _signed_forward(peft_model: PeftModel) -> functools.partial:
+    """`peft_model.forward`, showing the wrapped model's parameters (plus `adapter_names`) to
+    `inspect.signature`: transformers' Trainer keeps only the batch columns that the forward
+    names (`remove_unused_columns`), and reads the base model's signature itself only for PEFT's
+    own classes. See docs/ecosystem.md."""
+    bound = functools.partial(type(peft_model).forward, peft_model)
+    try:
+        params = list(inspect.signature(peft_model.base_model.model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward inspect cannot read: keep our own signature
+        return bound
+    if "adapter_names" not in {p.name for p in params}:
+        at = len(params) - (bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+        params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+    bound.__signature__ = inspect.Signature(params)
+    return bound
+
+
 class PeftModelForCausalLM(PeftModel):
     """PEFT's name for task_type CAUSAL_LM; same behaviour."""
 
@@ -335,9 +347,12 @@ def get_peft_model(
         raise InputTypeError(f"model={type(model).__name__}: expected a torch.nn.Module")
     validation.check_config(peft_config)
     validation.check_adapter_name(adapter_name)
-    if peft_config.is_prompt_learning:  # PEFT's other layout: the prompt path lives in fastpeft/prompting.py
-        from fastpeft import prompting
+    # the family's builder: `_build` below, or fastpeft/prompting.py's for prompt learning
+    return registry.family(peft_config).build(model, peft_config, adapter_name)
 
-        return prompting.get_prompt_model(model, peft_config, adapter_name)
-    cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name)
+
+def _build(model: nn.Module, peft_config: PeftConfig, adapter_name: str) -> PeftModel:
+    return TASK_MODELS.get(peft_config.task_type, PeftModel)(model, peft_config, adapter_name)
+
+
+registry.register_family("layers", build=_build)

@@ -33,7 +33,7 @@ from fastpeft import checkpoint, inject, registry, validation
 from fastpeft.config import PeftConfig, PromptLearningConfig
 from fastpeft.hf_compat import cache_kwarg
 from fastpeft.methods.base import ModulesToSaveWrapper
-from fastpeft.methods.prefix import prefix_cache
+from fastpeft.methods.prefix import prefix_cache, read_only
 from fastpeft.model import (
     SEQ_CLS_HEADS,
     PeftModel,
@@ -332,10 +332,16 @@ class PromptLearningModel(PeftModel):
         if _is_prefix(config):
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
+            checkpointed = _checkpointed_layers(self.base_model)
+            if checkpointed:  # the prefix must survive transformers' gradient checkpointing
+                prompt = read_only(prompt)
+                kwargs.setdefault("use_cache", False)
             kwargs[cache_kwarg(self.base_model)] = prompt
-            return self.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
-            )
+            with _keep_cache(checkpointed):
+                return self.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                    **kwargs
+                )
         if kwargs.get("position_ids") is not None:
             warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
             kwargs["position_ids"] = None
@@ -402,6 +408,35 @@ class PromptLearningModel(PeftModel):
         with transaction(self, dicts=[self.peft_config, self.prompt_tokens]):
             self.add_adapter(adapter_name, config)
             _load_state(self, adapter_name, state)
+
+
+def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules with gradient checkpointing on, if this forward checkpoints (training, grad
+    enabled): transformers' GradientCheckpointingLayer blocks and the models holding them; []
+    otherwise."""
+    if not (model.training and torch.is_grad_enabled()):
+        return []
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+@contextlib.contextmanager
+def _keep_cache(modules: list[nn.Module]):
+    """For the length of the block, let checkpointed blocks keep the (read-only) prefix cache:
+    blocks get `_can_checkpoint_with_cache`; models that would drop the cache before calling
+    their blocks (GPT-2's) get their own flag off (their blocks still checkpoint by theirs)."""
+    blocks = [m for m in modules if hasattr(type(m), "_can_checkpoint_with_cache")]
+    models = [m for m in modules if not hasattr(type(m), "_can_checkpoint_with_cache")]
+    for block in blocks:
+        block._can_checkpoint_with_cache = True
+    for m in models:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("_can_checkpoint_with_cache", None)
+        for m in models:
+            m.gradient_checkpointing = True
 
 
 def _extend_mask(mask: torch.Tensor | None, num_virtual_tokens: int) -> torch.Tensor | None:

@@ -51,13 +51,17 @@ def rank_pad(max_rank: int) -> int:
 def _base_tile(w_ptrs, packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
                offs_n, offs_k, mask_k, mask_n, K, blocksize, NF4: tl.constexpr, NESTED: tl.constexpr):
     """The [BLOCK_K, BLOCK_N] tile of W^T at rows offs_k, columns offs_n: loaded from the dense
-    weight (`w_ptrs`), or decoded from the NF4 state (fp32 values)."""
+    weight (`w_ptrs`), or decoded from the NF4 state, in w_ptrs' element type either way (with an
+    NF4 base w_ptrs points at x: the activation dtype, the weight bnb would dequantize to). Both
+    arms must yield one type: the compiler rejects a constexpr branch whose arms differ."""
     mask = mask_k[:, None] & mask_n[None, :]
     if NF4:
         idx = offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]
-        return _nf4_decode(packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
-                           idx, mask, blocksize, NESTED)
-    return tl.load(w_ptrs, mask=mask, other=0.0)
+        w = _nf4_decode(packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
+                        idx, mask, blocksize, NESTED).to(w_ptrs.dtype.element_ty)
+    else:
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+    return w
 
 
 @triton.jit

@@ -131,7 +131,11 @@ def nf4_tile(packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
     rows64 = rows.to(tl.int64)
     if ALIGNED:
         offs_b = tl.arange(0, COLS // 2)
-        mask_b = mask_rows[:, None] & ((col0 + 2 * offs_b) < row_len)[None, :]
+        # col0 and row_len are multiples of 2 * GRP, so the column mask is constant over runs of
+        # GRP bytes; written per run, the compiler sees that and keeps the loads GRP bytes wide
+        HALF: tl.constexpr = BS // 2 if BS < COLS else COLS // 2
+        GRP: tl.constexpr = HALF if HALF < 16 else 16
+        mask_b = mask_rows[:, None] & ((col0 + 2 * GRP * (offs_b // GRP)) < row_len)[None, :]
         byte = tl.load(packed_ptr + rows64[:, None] * row_bytes + (col0 // 2 + offs_b)[None, :],
                        mask=mask_b, other=0).to(tl.int32)
         vals = tl.interleave(nf4_lookup(byte >> 4), nf4_lookup(byte & 15))    # even k: high nibble

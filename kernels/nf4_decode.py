@@ -88,27 +88,27 @@ def _nf4_splitk_fwd_kernel(
             mask_g = offs_g < M
             offs_k = tl.arange(0, BLOCK_K)
             x_ptrs = x_ptr + (k_lo + offs_k).to(tl.int64) * stride_xq
-            acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+            gacc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
             for k in range(0, tl.cdiv(tl.maximum(k_len, 0), BLOCK_K)):
                 mask_k = offs_k < k_len - k * BLOCK_K
                 if TRANS:   # [BLOCK_K, BLOCK_N] = W[k rows, n block] -> [BLOCK_N, BLOCK_K]
-                    w = tl.trans(nf4_tile(packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
+                    wg = tl.trans(nf4_tile(packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
                                           k_lo + k * BLOCK_K + offs_k, mask_k, pid_n * BLOCK_N, row_len,
                                           row_bytes, BLOCK_N, BS, NESTED, ALIGNED))
                 else:       # [BLOCK_N, BLOCK_K] = W[n block, k cols]
-                    w = nf4_tile(packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
+                    wg = nf4_tile(packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
                                  offs_n, mask_n, k_lo + k * BLOCK_K, row_len, row_bytes,
                                  BLOCK_K, BS, NESTED, ALIGNED)
                 if not UPCAST:  # the weight bnb would dequantize to; products and sums in fp32
-                    w = w.to(x_ptr.dtype.element_ty)
-                w = w.to(tl.float32)
+                    wg = wg.to(x_ptr.dtype.element_ty)
+                wg = wg.to(tl.float32)
                 for m in tl.static_range(M_PAD):  # one row at a time: the w tile stays the only big one
-                    x = tl.load(x_ptrs + m * stride_xm, mask=mask_k & (offs_k * 0 + m < M), other=0.0)
-                    dot = tl.sum(w * x.to(tl.float32)[None, :], axis=1)
-                    acc += tl.where(offs_g[:, None] == m, dot[None, :], 0.0)
+                    xg = tl.load(x_ptrs + m * stride_xm, mask=mask_k & (offs_k * 0 + m < M), other=0.0)
+                    dot = tl.sum(wg * xg.to(tl.float32)[None, :], axis=1)
+                    gacc += tl.where(offs_g[:, None] == m, dot[None, :], 0.0)
                 x_ptrs += BLOCK_K * stride_xq
             part_ptrs = part_ptr + (pid_s * M + offs_g.to(tl.int64))[:, None] * P + offs_n[None, :]
-            tl.store(part_ptrs, acc, mask=mask_g[:, None] & mask_n[None, :])
+            tl.store(part_ptrs, gacc, mask=mask_g[:, None] & mask_n[None, :])
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -124,9 +124,9 @@ def _nf4_splitk_fwd_kernel(
     else:  # the LoRA column: this slice's x @ A^T, once for all column blocks
         if HAS_LORA:
             offs_d = tl.arange(0, 16)
-            acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-            xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            acc, xa = k_loop(acc, xa, x_ptr, offs_m.to(tl.int64) * stride_xm, mask_m, stride_xq,
+            lacc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+            lxa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            lacc, lxa = k_loop(lacc, lxa, x_ptr, offs_m.to(tl.int64) * stride_xm, mask_m, stride_xq,
                              x_ptr, 0, 0,
                              packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
                              row_len, row_bytes, a_ptr, stride_aq, stride_ar, mask_r, x_ptr, 0,
@@ -134,7 +134,7 @@ def _nf4_splitk_fwd_kernel(
                              False, False, 1, False, False, True, False, UPCAST, INPUT_PRECISION,
                              R_PAD, BLOCK_K)
             xa_ptrs = xa_part_ptr + (pid_s * M + offs_m.to(tl.int64))[:, None] * R_PAD + offs_r[None, :]
-            tl.store(xa_ptrs, xa, mask=mask_m[:, None])
+            tl.store(xa_ptrs, lxa, mask=mask_m[:, None])
 
 
 @triton.jit

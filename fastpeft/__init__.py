@@ -23,6 +23,7 @@ from fastpeft.model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from fastpeft.prompting import get_prompt_model as _get_prompt_model  # noqa: F401  registers the prompt family
 from fastpeft.quant.nf4 import Linear4bit, NF4Config, quantize_model
 
 try:  # the installed distribution's version: one source, pyproject.toml

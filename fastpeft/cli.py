@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated methods for the methods section (default: all)")
     b.add_argument("--model", metavar="PATH",
                    help="a local transformers model for the methods section (default: a seeded "
-                        "Llama sized for the device)")
+                        "Llama sized for the device): a causal LM or an encoder such as BERT")
+    b.add_argument("--target-modules", type=_names, metavar="A,B",
+                   help="module names the LoRA-family methods adapt (e.g. query,value for BERT; "
+                        "default: every linear layer of the generated Llama, on --model the "
+                        "libraries' default for its model type)")
     return p
 
 
@@ -68,10 +72,12 @@ def _info() -> int:
     lines.append(f"backend:  {backend}  (what fastpeft.ops picks for tensors on {device}; "
                  + ", ".join(f"{k}={v}" for k, v in env.items()) + ")")
     import fastpeft
+    from fastpeft import registry
 
     for name, version in bench.package_versions().items():
         where = f"  ({os.path.dirname(fastpeft.__file__)})" if name == "fastpeft" else ""
         lines.append(f"{name + ':':<14}{version}{where}")
+    lines.append(f"methods:  {', '.join(registry.methods())}  (peft_type, as registered)")
     print("\n".join(lines))
     return 0
 
@@ -90,6 +96,8 @@ def _bench(args: argparse.Namespace) -> int:
         model = None
         if args.model and ("methods" in sections or "training" in sections):
             model = bench.methods.load_model(args.model, device, args.quick)
+        if args.target_modules is not None:
+            bench.methods.check_targets(model, args.target_modules)
     except bench.BenchError as e:
         print(f"fastpeft bench: error: {e}", file=sys.stderr)
         return 2
@@ -100,7 +108,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads is not None and device != "cpu":
         print("fastpeft bench: note: --threads only applies to --device cpu", file=sys.stderr)
     result = bench.run(device, quick=args.quick, progress=not args.no_progress,
-                       threads=args.threads, sections=sections, method_names=names, model=model)
+                       threads=args.threads, sections=sections, method_names=names, model=model,
+                       target_modules=args.target_modules)
     table = bench.format_tables(result)
     if out is not None:
         for note in bench.write_outputs(result, out):

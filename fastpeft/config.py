@@ -15,15 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from fastpeft import registry
+
 CONFIG_NAME = "adapter_config.json"
-
-# Every method's config class, by `peft_type`; filled by `register_config` in fastpeft/methods/*.
-CONFIG_REGISTRY: dict[str, type[PeftConfig]] = {}
-
-
-def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
-    CONFIG_REGISTRY[cls.PEFT_TYPE] = cls
-    return cls
 
 
 @dataclass
@@ -60,9 +54,10 @@ class PeftConfig:
         """Build the config class named by `data["peft_type"]` (or `cls` itself) from JSON data."""
         data = dict(data)
         peft_type = data.pop("peft_type", cls.PEFT_TYPE or None)
-        target = CONFIG_REGISTRY.get(peft_type) if peft_type else None
+        method = registry.get(peft_type) if peft_type else None
+        target = method.config if method is not None else None
         if target is None:
-            known = ", ".join(sorted(CONFIG_REGISTRY)) or "none"
+            known = ", ".join(sorted(registry.methods())) or "none"
             raise ValueError(f"unknown peft_type {peft_type!r}; fastpeft implements: {known}")
         if cls is not PeftConfig and not issubclass(target, cls):
             raise ValueError(f"peft_type {peft_type!r} is not a {cls.__name__}")

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import os
 from typing import Any
 
 from torch import nn
 
-from fastpeft import checkpoint
+from fastpeft import checkpoint, multi, registry
 from fastpeft.config import PeftConfig
-from fastpeft.methods import TUNERS
 from fastpeft.methods.base import BaseTuner
 from fastpeft.quant.nf4 import Linear4bit
 
@@ -35,10 +36,7 @@ def _accept_noop(where: str, kwargs: dict[str, Any]) -> None:
 
 
 def _tuner_class(config: PeftConfig) -> type[BaseTuner]:
-    try:
-        return TUNERS[config.peft_type]
-    except KeyError:
-        raise ValueError(f"peft_type {config.peft_type!r} has no tuner; known: {sorted(TUNERS)}") from None
+    return registry.tuner(config)
 
 
 class PeftModel(nn.Module):
@@ -49,6 +47,7 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.base_model = _tuner_class(peft_config)(model, self.peft_config)
         self.add_adapter(adapter_name, peft_config)
+        self.forward = _signed_forward(self)
 
     # -- adapters ------------------------------------------------------------------------------
     @property
@@ -129,8 +128,6 @@ class PeftModel(nn.Module):
         """`adapter_names` (LoRA, eval mode): row i runs adapter `adapter_names[i]` ("__base__":
         none), all adapters in one launch per layer (fastpeft/multi.py); without autograd."""
         if adapter_names is not None:
-            from fastpeft import multi
-
             with multi.mixed_batch(self, adapter_names):
                 return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
@@ -138,8 +135,6 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         """transformers' generate; `adapter_names` as in forward, repeated num_beams times (PEFT)."""
         if adapter_names is not None:
-            from fastpeft import multi
-
             with multi.mixed_batch(self, adapter_names, num_beams=kwargs.get("num_beams")):
                 return self.base_model.model.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
@@ -211,10 +206,9 @@ class PeftModel(nn.Module):
         _accept_noop("from_pretrained", kwargs)
         directory = os.path.join(model_id, subfolder or "")
         config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
-        if config.is_prompt_learning:  # PEFT's other layout: the prompt path lives in fastpeft/prompting.py
-            from fastpeft import prompting
-
-            return prompting.from_pretrained(model, directory, config, adapter_name, is_trainable)
+        load = registry.family(config).load  # prompt learning: PEFT's other layout (fastpeft/prompting.py)
+        if load is not None:
+            return load(model, directory, config, adapter_name, is_trainable)
         config.inference_mode = not is_trainable
         state = checkpoint.read_adapter(directory)
         planner = _tuner_class(config)(model, {})
@@ -239,6 +233,23 @@ class PeftModel(nn.Module):
         checkpoint.check_fits(state, expected, repr(os.fspath(model_id)))
         self.add_adapter(adapter_name, config)
         checkpoint.load_into(self.base_model, adapter_name, state)
+
+
+def _signed_forward(peft_model: PeftModel) -> functools.partial:
+    """`peft_model.forward`, showing the wrapped model's parameters (plus `adapter_names`) to
+    `inspect.signature`: transformers' Trainer keeps only the batch columns that the forward
+    names (`remove_unused_columns`), and reads the base model's signature itself only for PEFT's
+    own classes. See docs/ecosystem.md."""
+    bound = functools.partial(type(peft_model).forward, peft_model)
+    try:
+        params = list(inspect.signature(peft_model.base_model.model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward inspect cannot read: keep our own signature
+        return bound
+    if "adapter_names" not in {p.name for p in params}:
+        at = len(params) - (bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+        params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+    bound.__signature__ = inspect.Signature(params)
+    return bound
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -270,9 +281,12 @@ def get_peft_model(
 ) -> PeftModel:
     """Wrap `model` with a new adapter made from `peft_config` (PEFT's entry point)."""
     _accept_noop("get_peft_model", kwargs)
-    if peft_config.is_prompt_learning:  # PEFT's other layout: the prompt path lives in fastpeft/prompting.py
-        from fastpeft import prompting
+    # the family's builder: `_build` below, or fastpeft/prompting.py's for prompt learning
+    return registry.family(peft_config).build(model, peft_config, adapter_name)
 
-        return prompting.get_prompt_model(model, peft_config, adapter_name)
-    cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name)
+
+def _build(model: nn.Module, peft_config: PeftConfig, adapter_name: str) -> PeftModel:
+    return TASK_MODELS.get(peft_config.task_type, PeftModel)(model, peft_config, adapter_name)
+
+
+registry.register_family("layers", build=_build)

@@ -1,6 +1,7 @@
-"""Mixed-adapter batches for LoRA: PEFT's `adapter_names=` contract, one kernel launch per layer.
+"""Mixed-adapter batches for LoRA, the model-level side: PEFT's `adapter_names=` contract, one
+kernel launch per layer. The per-batch metadata (`TokenGroups`, `MixedBatch`) is
+`fastpeft.batching`'s (re-exported here).
 
-Three pieces:
   `AdapterBank`   one per LoRA layer: every adapter's A rows stacked in one ``lora_a [R, in]``
                   buffer and its B^T rows in ``lora_b [R, out]``, each adapter at its OWN rank
                   (no padding to the largest rank), with per-adapter ``offsets``, ``ranks``,
@@ -8,13 +9,10 @@ Three pieces:
                   writes only its rows (into a freed span or at the end); deleting one frees its
                   rows; the others are never re-packed (growing the buffer copies it once per
                   doubling, offsets unchanged).
-  `TokenGroups`   the batch metadata of one forward: adapter id per token, tokens sorted by
-                  adapter into segments (the grouped kernel) -- built on the host from the rows'
-                  ids, which the host already knows, and copied to the device once; every layer
-                  of that forward shares it, so no layer synchronises with the device.
+  `AdapterIds`    model-wide adapter ids, stable while an adapter lives.
   `mixed_batch`   the context manager behind ``PeftModel.forward/generate(adapter_names=...)``:
                   PEFT's checks and errors, beam-search expansion of the names, bank refresh,
-                  and the metadata handed to every `LoraLinear`.
+                  and the batch's `MixedBatch` handed to every `LoraLinear`.
 
 Banks are copies of the adapters' parameters, refreshed when a parameter's storage or version
 counter changes (load_state_dict, an optimizer step and merges all bump it), so they never go
@@ -25,13 +23,18 @@ in PEFT (which refuses them in training mode); here the forward also runs withou
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
 import weakref
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
+
+from fastpeft.batching import MixedBatch, TokenGroups
+from fastpeft.methods.base import ModulesToSaveWrapper
+from fastpeft.methods.lora import LoraLinear, LoraModel, NF4LoraLinear
+
+__all__ = ["BASE", "AdapterBank", "AdapterIds", "MixedBatch", "TokenGroups", "check_mixed_batch",
+           "mixed_batch", "sync_banks"]  # MixedBatch, TokenGroups: per batch, from fastpeft.batching
 
 BASE = "__base__"  # PEFT's row name for "no adapter"
 
@@ -164,75 +167,6 @@ class AdapterBank:
                 self.update(adapter_id, a, b, scaling, stamp)
 
 
-class TokenGroups:
-    """The metadata of one forward over `rows` rows of `tokens_per_row` tokens each (token m is
-    in row m // tokens_per_row), all on `device`, built from host ints with one copy:
-
-    token_ids int32 [M] (adapter id per token, -1 base); row_ids int32 [rows] (per row); perm
-    int32 [M] (tokens sorted by id, stable); seg_start int32 [S + 1] and seg_adapter int32 [S]
-    (segments of perm sharing an id); host ints rows, tokens_per_row, M, num_segments S,
-    max_segment (longest segment), min_id, max_id, and the segments' ids as a host list `adapters`.
-    """
-
-    def __init__(self, row_ids: Tensor | list[int], tokens_per_row: int, device: torch.device | str):
-        # per row on the host in plain Python (a batch has few rows: a handful of torch ops would
-        # cost more), per token by torch; one copy to the device
-        ids = row_ids.flatten().tolist() if isinstance(row_ids, Tensor) else [int(i) for i in row_ids]
-        T, n = int(tokens_per_row), len(ids)
-        self.rows, self.tokens_per_row, self.M = n, T, n * T
-        order = sorted(range(n), key=ids.__getitem__)  # stable
-        seg_ids, counts = [], []
-        for i in order:
-            if seg_ids and seg_ids[-1] == ids[i]:
-                counts[-1] += 1
-            else:
-                seg_ids.append(ids[i])
-                counts.append(1)
-        seg_start = [0, *itertools.accumulate(c * T for c in counts)]
-        self.num_segments = S = len(seg_ids)
-        self.adapters = seg_ids
-        self.max_segment = max(counts, default=0) * T
-        self.max_id, self.min_id = max(ids, default=-1), min(ids, default=-1)
-        host = torch.tensor(ids + ids + order + seg_start + seg_ids, dtype=torch.int32)
-        if T != 1:  # rows -> tokens: row i's id for each of its tokens, and tokens i*T .. i*T+T-1
-            tokens = torch.arange(T, dtype=torch.int32)
-            host = torch.cat([host[:n], host[:n].repeat_interleave(T),
-                              (host[2 * n : 3 * n, None] * T + tokens).flatten(), host[3 * n :]])
-        packed = host.to(device, non_blocking=True)
-        M = self.M
-        self.row_ids, packed = packed[:n], packed[n:]
-        self.token_ids, self.perm = packed[:M], packed[M : 2 * M]
-        self.seg_start, self.seg_adapter = packed[2 * M : 2 * M + S + 1], packed[2 * M + S + 1 :]
-        self.device = packed.device
-
-    @classmethod
-    def from_token_ids(cls, token_ids: Tensor) -> TokenGroups:
-        """Metadata for a 1-D tensor of per-token ids (one token per row); reads it on the host."""
-        return cls(token_ids.detach().cpu(), 1, token_ids.device)
-
-
-class MixedBatch:
-    """The rows' adapter ids of one mixed forward or generate call; hands each layer the
-    `TokenGroups` for its input, built by the first layer that sees a (tokens per row, device)
-    and shared by all later layers and forwards of the call (a generate call builds its decode
-    metadata once)."""
-
-    def __init__(self, names: list[str], row_ids: list[int]):
-        self.names, self.row_ids = names, row_ids
-        self._groups: dict[tuple[int, torch.device], TokenGroups] = {}
-
-    def groups_for(self, x: Tensor) -> TokenGroups:
-        rows, shape = len(self.row_ids), x.shape
-        if len(shape) < 2 or shape[0] != rows:
-            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
-                             f"{rows} and {shape[0] if shape else 0} respectively.")
-        key = (math.prod(shape[1:-1]), x.device)  # (tokens per row, device)
-        groups = self._groups.get(key)
-        if groups is None:
-            groups = self._groups[key] = TokenGroups(self.row_ids, key[0], key[1])
-        return groups
-
-
 class AdapterIds:
     """Model-wide adapter ids for the banks: stable while an adapter lives, reused after."""
 
@@ -257,9 +191,6 @@ class AdapterIds:
 
 def _walk(peft_model: nn.Module) -> tuple[list[nn.Module], bool]:
     """The model's LoRA layers and whether it has modules_to_save wrappers, in one module walk."""
-    from fastpeft.methods.base import ModulesToSaveWrapper
-    from fastpeft.methods.lora import LoraLinear
-
     # not nn.Module.modules(): every call of a mixed forward walks the model, and a LoRA layer
     # holds ~3 submodules per adapter that can hold neither kind, so the walk stops at it
     layers, wrapped, stack = [], False, [peft_model.base_model.model]
@@ -275,8 +206,6 @@ def _walk(peft_model: nn.Module) -> tuple[list[nn.Module], bool]:
 
 def check_mixed_batch(peft_model: nn.Module, adapter_names: Any, walk=None) -> list[str]:
     """PEFT's checks for `adapter_names`, before anything runs; returns the names as a list."""
-    from fastpeft.methods.lora import LoraLinear, LoraModel, NF4LoraLinear
-
     tuner = peft_model.base_model
     if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
 import sys
 import warnings
@@ -30,10 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpeft import checkpoint, inject
+from fastpeft import checkpoint, inject, registry
 from fastpeft.config import PeftConfig, PromptLearningConfig
 from fastpeft.hf_compat import cache_kwarg
-from fastpeft.methods import PROMPT_ENCODERS
 from fastpeft.methods.base import ModulesToSaveWrapper
 from fastpeft.methods.prefix import prefix_cache
 from fastpeft.model import (
@@ -45,9 +43,11 @@ from fastpeft.model import (
     _accept_noop,
 )
 
-PREFIX_TYPES = ("PREFIX_TUNING", "MAM", "UNIPELT")  # MAM and UniPELT (fastpeft/methods/) carry a prefix too
-# Prompt methods with a model class of their own: peft_type -> task_type -> class (MAM registers here).
-PROMPT_MODELS: dict[str, dict[str, type]] = {}
+
+
+def _is_prefix(config: PromptLearningConfig) -> bool:
+    """Whether the method's prompt is every layer's keys and values (its registry entry says)."""
+    return registry.get(config.peft_type).prefix
 
 
 # -- the config, completed from the model's (PEFT's _prepare_prompt_learning_config) -------------
@@ -72,7 +72,7 @@ def prepare_config(config: PromptLearningConfig, model: nn.Module) -> PromptLear
     if config.num_attention_heads is None:
         config.num_attention_heads = heads
     kv_heads = getattr(mc, "num_key_value_heads", None)
-    if config.peft_type in PREFIX_TYPES and kv_heads is not None and config.token_dim == hidden:
+    if _is_prefix(config) and kv_heads is not None and config.token_dim == hidden:
         # Grouped-query attention: the prefix holds the key-value heads only (PEFT, issue #1901).
         head_dim = getattr(mc, "head_dim", None) or hidden // heads
         config.token_dim, config.num_attention_heads = kv_heads * head_dim, kv_heads
@@ -85,7 +85,7 @@ def prepare_config(config: PromptLearningConfig, model: nn.Module) -> PromptLear
 def _check_layout(config, mc, hidden, heads, layers, kv_heads) -> None:
     if config.num_transformer_submodules != 1:
         raise NotImplementedError("num_transformer_submodules=2 (encoder-decoder models) is not implemented in fastpeft")
-    if config.peft_type not in PREFIX_TYPES:
+    if not _is_prefix(config):
         if config.token_dim != hidden:
             raise ValueError(f"token_dim={config.token_dim} does not match the model's hidden size {hidden}")
         return
@@ -142,7 +142,7 @@ class PromptLearningModel(PeftModel):
             raise ValueError(f"adapter names are non-empty strings without '.', got {adapter_name!r}")
         if not peft_config.is_prompt_learning:
             raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a model holding prompt learning adapters")
-        own = PROMPT_MODELS.get(peft_config.peft_type, {}).get(peft_config.task_type)
+        own = registry.get(peft_config.peft_type).task_models.get(peft_config.task_type)
         if own is not None and not isinstance(self, own):
             raise ValueError(f"a {peft_config.peft_type} adapter needs its own model class: use get_peft_model")
         prepare_config(peft_config, self.base_model)
@@ -253,12 +253,12 @@ class PromptLearningModel(PeftModel):
         if config.inference_mode:
             return weight.unsqueeze(0)  # the table holds the encoder's output (checkpoint format)
         tokens = self.prompt_tokens[name].to(weight.device)
-        if config.peft_type in PREFIX_TYPES:
+        if _is_prefix(config):
             tokens = tokens[: config.num_virtual_tokens]
         return encoder(tokens[None])
 
     def _as_model_input(self, prompt: torch.Tensor, config: PromptLearningConfig):
-        if config.peft_type in PREFIX_TYPES:
+        if _is_prefix(config):
             return prefix_cache(prompt.to(self.base_model.dtype), config, self.base_model.config)
         return prompt
 
@@ -283,7 +283,7 @@ class PromptLearningModel(PeftModel):
         counts = {n: c.num_virtual_tokens for n, c in zip(names, configs)}
         if len(set(counts.values())) > 1:
             raise ValueError(f"a mixed batch needs one num_virtual_tokens for all its adapters, got {counts}")
-        prefix = {c.peft_type in PREFIX_TYPES for c in configs}
+        prefix = {_is_prefix(c) for c in configs}
         layouts = {(c.num_layers, c.num_attention_heads, c.token_dim) for c in configs}
         if len(prefix) > 1 or len(layouts) > 1:
             raise ValueError(f"a mixed batch cannot mix prefix and embedding prompts or layouts: {names}")
@@ -299,7 +299,7 @@ class PromptLearningModel(PeftModel):
         if config.inference_mode:
             return encoder.embedding.weight.detach().cpu()
         tokens = self.prompt_tokens[adapter_name].to(encoder.embedding.weight.device)
-        if config.peft_type in PREFIX_TYPES:
+        if _is_prefix(config):
             tokens = tokens[: config.num_virtual_tokens]
         return encoder(tokens[None])[0].detach().cpu()  # with autograd on, as PEFT: the LSTM's result is bitwise PEFT's
 
@@ -321,7 +321,7 @@ class PromptLearningModel(PeftModel):
         config, prompt = self._batch_prompt(batch, adapter_names)
         self._check_length(length, config)
         attention_mask = _extend_mask(attention_mask, config.num_virtual_tokens)
-        if config.peft_type in PREFIX_TYPES:
+        if _is_prefix(config):
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
             kwargs[cache_kwarg(self.base_model)] = prompt
@@ -357,7 +357,7 @@ class PromptLearningModel(PeftModel):
         with torch.no_grad():
             config, prompt = self._batch_prompt(batch, adapter_names)
             self._check_length(length, config)
-            if config.peft_type in PREFIX_TYPES:
+            if _is_prefix(config):
                 kwargs[cache_kwarg(self.base_model)] = prompt
             else:
                 embeds = self.word_embeddings(input_ids)
@@ -402,8 +402,7 @@ def _extend_mask(mask: torch.Tensor | None, num_virtual_tokens: int) -> torch.Te
 
 
 def _make_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> nn.Module:
-    cls = PROMPT_ENCODERS[config.peft_type]
-    return cls(config, word_embeddings) if config.peft_type == "PROMPT_TUNING" else cls(config)
+    return registry.get(config.peft_type).encoder(config, word_embeddings)
 
 
 def _save_targets(model: nn.Module, config: PromptLearningConfig) -> list[str]:
@@ -425,8 +424,8 @@ def _read_checked(model: nn.Module, directory, config: PromptLearningConfig, is_
         raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
     config.inference_mode = True
     probe = prepare_config(copy.deepcopy(config), model)
-    width = probe.token_dim * (2 * probe.num_layers if probe.peft_type in PREFIX_TYPES else 1)
-    rows = probe.num_virtual_tokens * (1 if probe.peft_type in PREFIX_TYPES else probe.num_transformer_submodules)
+    width = probe.token_dim * (2 * probe.num_layers if _is_prefix(probe) else 1)
+    rows = probe.num_virtual_tokens * (1 if _is_prefix(probe) else probe.num_transformer_submodules)
     expected = {checkpoint.PROMPT_EMBEDDINGS: (rows, width)}
     heads = SEQ_CLS_HEADS if probe.task_type == "SEQ_CLS" else []
     probe.modules_to_save = sorted(set(probe.modules_to_save or []) | set(heads))
@@ -480,16 +479,18 @@ TASK_MODELS = {
 }
 
 
-def register_task_models(peft_type: str, model_cls: type[PromptLearningModel]) -> None:
-    """Give a prompt-learning model class that adds parts (MAM, UniPELT) one subclass per task,
-    `<model_cls>For<Task>` mixing it with the task's prompt model, and register them for `peft_type`."""
+def task_models(model_cls: type[PromptLearningModel]) -> dict[str, type[PromptLearningModel]]:
+    """For a prompt-learning model class that adds parts (MAM, UniPELT): one subclass per task,
+    `<model_cls>For<Task>` mixing it with the task's prompt model, as {task_type: class}, the
+    `task_models` of its registry entry."""
     stem, module = model_cls.__name__.removesuffix("Model"), sys.modules[model_cls.__module__]
-    PROMPT_MODELS[peft_type] = {}
+    out = {}
     for task, base in TASK_MODELS.items():
         name = f"{stem}ModelFor{base.__name__.split('For', 1)[1]}"
         cls = type(name, (model_cls, base), {"__doc__": base.__doc__, "__module__": module.__name__})
         setattr(module, name, cls)  # importable by name, so pickling a model finds its class
-        PROMPT_MODELS[peft_type][task] = cls
+        out[task] = cls
+    return out
 
 
 def get_prompt_model(model: nn.Module, config: PromptLearningConfig, adapter_name: str = "default") -> PromptLearningModel:
@@ -501,4 +502,7 @@ def get_prompt_model(model: nn.Module, config: PromptLearningConfig, adapter_nam
 
 
 def _model_class(config: PromptLearningConfig) -> type[PromptLearningModel]:
-    return PROMPT_MODELS.get(config.peft_type, TASK_MODELS)[config.task_type]
+    return (registry.get(config.peft_type).task_models or TASK_MODELS)[config.task_type]
+
+
+registry.register_family("prompt", build=get_prompt_model, load=from_pretrained)

@@ -291,7 +291,7 @@ def test_ops_multi_lora_linear_with_token_ids_and_bad_ids():
 def test_cpu_paths_agree_with_each_token_alone(tokens_per_row):
     """The torch path picks per-row gathering (rows at least rank-long, or no shared adapter) or
     token segments (else); every choice equals each token through its own adapter."""
-    from fastpeft.multi import TokenGroups
+    from fastpeft.batching import TokenGroups
 
     torch.manual_seed(0)
     K, N = 12, 7

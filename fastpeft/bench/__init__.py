@@ -50,10 +50,13 @@ def run(
     sections: list[str] | None = None,
     method_names: list[str] | None = None,
     model=None,
+    target_modules: list[str] | None = None,
 ) -> dict:
     """Run the sections on `device`; returns the JSON-able result.
 
-    `model` is the methods section's base model (default: the seeded Llama sized for `device`).
+    `model` is the methods section's base model (default: the seeded Llama sized for `device`);
+    `target_modules` what the LoRA-family methods adapt in it (default: the Llama's linear layers,
+    on a user's model the libraries' default for its type; `methods.targets_for`).
     On the CPU, torch runs `threads` intra-op threads (default 1, like torch.utils.benchmark:
     stable and comparable across machines); the previous setting is restored afterwards.
     """
@@ -94,10 +97,16 @@ def run(
             result["multi"] = multi.run(device, quick, bar)
         if "methods" in sections or "training" in sections:
             base = model if model is not None else methods.load_model(None, device, quick)
+            result["model"] = methods.describe_model(base)
+            targets = methods.targets_for(base, target_modules, generated=model is None)
         if "methods" in sections:
-            result["methods"] = methods.run(device, quick, bar, names, base)
-        if "training" in sections and getattr(base, "can_generate", lambda: False)():
-            result["training"] = training.run(device, quick, bar, names, base)
+            result["methods"] = methods.run(device, quick, bar, names, base, targets)
+        if "training" in sections:
+            if getattr(base, "can_generate", lambda: False)():
+                result["training"] = training.run(device, quick, bar, names, base, targets)
+            else:
+                result.setdefault("notes", []).append(
+                    f"training: n/a: {type(base).__name__} is not a causal LM (the section trains with labels = input_ids)")
         bar.close()
         return result
     finally:

@@ -42,12 +42,39 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 @dataclass(frozen=True)
-class Method:
-    """`config(lib)` builds the method's config with `lib` = fastpeft or peft (same API);
-    `prepare(base, lib)`, when set, turns a copy of the base model into the one the adapter goes
-    on (default: the copy itself)."""
+class Targets:
+    """What the methods' configs adapt in the model at hand: `linears` for the methods on every
+    linear layer, `attention` for rslora's query/value pair (None: the library's default for the
+    model type, PEFT's table), `task_type` for the prompt methods."""
 
-    config: Callable[[Any], Any]
+    linears: list[str] | None = None
+    attention: list[str] | None = None
+    task_type: str = "CAUSAL_LM"
+
+
+LLAMA = Targets(LLAMA_LINEARS, ["q_proj", "v_proj"])
+
+
+def targets_for(base, target_modules: list[str] | None = None, generated: bool = False) -> Targets:
+    """The `generated` Llama: LLAMA; a user's model: `target_modules` (--target-modules) for every
+    LoRA-family method, else the libraries' per-architecture defaults; prompt methods as a causal
+    LM when the model generates, else as FEATURE_EXTRACTION (a bare encoder)."""
+    causal = hasattr(base, "generate") and base.can_generate()
+    task = "CAUSAL_LM" if causal else "FEATURE_EXTRACTION"
+    if target_modules:
+        return Targets(list(target_modules), list(target_modules), task)
+    if generated:
+        return LLAMA
+    return Targets(None, None, task)
+
+
+@dataclass(frozen=True)
+class Method:
+    """`config(lib, targets)` builds the method's config with `lib` = fastpeft or peft (same API)
+    for the model `targets` describes (default: the generated Llama); `prepare(base, lib)`, when
+    set, turns a copy of the base model into the one the adapter goes on (default: the copy)."""
+
+    config: Callable[..., Any]
     mergeable: bool
     prepare: Callable[[Any, Any], Any] | None = None
     # > 1: a mixed batch, `adapters` adapters of `config` loaded and row i run on adapter
@@ -68,35 +95,37 @@ def _quantized(base, lib):
     return model if lib is fastpeft else to_bnb_model(model, dtype)
 
 
+def _lora(**kw):
+    return lambda lib, t=LLAMA: lib.LoraConfig(r=16, lora_alpha=32, target_modules=t.linears, **kw)
+
+
+def _prompt(cls: str, **kw):
+    return lambda lib, t=LLAMA: getattr(lib, cls)(task_type=t.task_type, num_virtual_tokens=20, **kw)
+
+
 METHODS: dict[str, Method] = {
-    "lora": Method(lambda lib: lib.LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_LINEARS), True),
+    "lora": Method(_lora(), True),
     "rslora": Method(
-        lambda lib: lib.LoraConfig(r=16, lora_alpha=32, use_rslora=True, target_modules=["q_proj", "v_proj"]), True
+        lambda lib, t=LLAMA: lib.LoraConfig(r=16, lora_alpha=32, use_rslora=True, target_modules=t.attention), True
     ),
-    "dora": Method(lambda lib: lib.LoraConfig(r=16, lora_alpha=32, use_dora=True, target_modules=LLAMA_LINEARS), True),
+    "dora": Method(_lora(use_dora=True), True),
     "adalora": Method(
-        lambda lib: lib.AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=LLAMA_LINEARS), True
+        lambda lib, t=LLAMA: lib.AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=t.linears), True
     ),
-    "prompt_tuning": Method(lambda lib: lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20), False),
-    "ptuning": Method(
-        lambda lib: lib.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, encoder_hidden_size=128), False
-    ),
-    "prefix_tuning": Method(lambda lib: lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20), False),
-    "qlora": Method(lambda lib: lib.LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_LINEARS), False, _quantized),
-    "ia3": Method(lambda lib: lib.IA3Config(), True),
-    "bitfit": Method(lambda lib: lib.BitFitConfig(biases="all", add_bias=True), True, peft_has=False),
-    "adapter_houlsby": Method(lambda lib: lib.AdapterConfig(variant="houlsby", reduction_factor=16), False,
+    "prompt_tuning": Method(_prompt("PromptTuningConfig"), False),
+    "ptuning": Method(_prompt("PromptEncoderConfig", encoder_hidden_size=128), False),
+    "prefix_tuning": Method(_prompt("PrefixTuningConfig"), False),
+    "qlora": Method(_lora(), False, _quantized),
+    "ia3": Method(lambda lib, t=LLAMA: lib.IA3Config(), True),
+    "bitfit": Method(lambda lib, t=LLAMA: lib.BitFitConfig(biases="all", add_bias=True), True, peft_has=False),
+    "adapter_houlsby": Method(lambda lib, t=LLAMA: lib.AdapterConfig(variant="houlsby", reduction_factor=16), False,
                               peft_has=False),
-    "adapter_parallel": Method(lambda lib: lib.AdapterConfig(variant="parallel", reduction_factor=16, scaling=4.0),
-                               False, peft_has=False),
-    "mam": Method(lambda lib: lib.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, reduction_factor=16),
-                  False, peft_has=False),
-    "unipelt": Method(lambda lib: lib.UniPELTConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, r=8,
-                                                    reduction_factor=16), False, peft_has=False),
-    "lora_mixed16": Method(
-        lambda lib: lib.LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_LINEARS, init_lora_weights=False),
-        False, adapters=16,
-    ),
+    "adapter_parallel": Method(
+        lambda lib, t=LLAMA: lib.AdapterConfig(variant="parallel", reduction_factor=16, scaling=4.0), False,
+        peft_has=False),
+    "mam": Method(_prompt("MAMConfig", reduction_factor=16), False, peft_has=False),
+    "unipelt": Method(_prompt("UniPELTConfig", r=8, reduction_factor=16), False, peft_has=False),
+    "lora_mixed16": Method(_lora(init_lora_weights=False), False, adapters=16),
 }
 
 
@@ -139,6 +168,21 @@ def check_methods(names: list[str] | None) -> list[str]:
     return names
 
 
+def check_targets(model, names: list[str]) -> None:
+    """--target-modules: non-empty, and on a given model each name is some module's name or
+    dotted suffix (PEFT's matching); BenchError lists what the model has otherwise."""
+    if not names:
+        raise BenchError("--target-modules: give at least one module name, e.g. query,value")
+    if model is None:
+        return
+    found = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    modules = [n for n, _ in model.named_modules()]
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing:
+        raise BenchError(f"--target-modules: {missing} not found in {type(model).__name__}; "
+                         f"its linear layers are named {sorted(found)}")
+
+
 def load_model(path: str | None, device: str, quick: bool):
     """The base model: a local transformers model, or a seeded Llama from `model_shape`."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -162,6 +206,39 @@ def load_model(path: str | None, device: str, quick: bool):
         return auto.from_pretrained(path, dtype=dtype).to(device).eval()
     except Exception as e:  # noqa: BLE001  (any failure to load is the user's input problem)
         raise BenchError(f"--model {path}: cannot load it with transformers ({type(e).__name__}: {e})") from e
+
+
+def describe_model(base) -> dict:
+    """The model actually benchmarked: class, hidden size, layers, parameters, dtype."""
+    config = getattr(base, "config", None)
+
+    def first(*names):
+        return next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
+
+    return {
+        "class": type(base).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "hidden": first("hidden_size", "n_embd", "d_model"),
+        "layers": first("num_hidden_layers", "n_layer", "num_layers"),
+        "params": sum(p.numel() for p in base.parameters()),
+        "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
+        "path": getattr(base, "name_or_path", None) or None,
+    }
+
+
+def model_summary(info: dict) -> str:
+    """One line: `BertModel (bert): hidden 384, 6 layers, 22.7M parameters, float32`."""
+    kind = f" ({info['model_type']})" if info.get("model_type") else ""
+    params = info["params"]
+    count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params:,d}"
+    return (f"{info['class']}{kind}: hidden {info['hidden'] or '?'}, {info['layers'] or '?'} layers, "
+            f"{count} parameters, {info['dtype']}")
+
+
+def _not_applicable(err: Exception) -> bool:
+    """A method that cannot go on this model (fastpeft's and peft's clear refusals before any
+    compute: no target modules found, no default for the model type, an unsupported task)."""
+    return isinstance(err, (ValueError, KeyError, NotImplementedError)) and not isinstance(err, ModuleNotFoundError)
 
 
 @dataclass
@@ -192,8 +269,9 @@ class Case:
     names: list[str] | None = None  # a mixed batch's adapters (Method.adapters > 1)
 
 
-def _cases(base, names: list[str]) -> dict[tuple[str, str], Case]:
-    """(method, impl) -> Case; peft rows without a model say why (not installed, error)."""
+def _cases(base, names: list[str], targets: Targets = LLAMA) -> dict[tuple[str, str], Case]:
+    """(method, impl) -> Case; rows without a model say why (not installed, n/a: a method that
+    does not apply to this model, with the library's reason; error)."""
     import fastpeft
 
     try:
@@ -215,11 +293,20 @@ def _cases(base, names: list[str]) -> dict[tuple[str, str], Case]:
                 if method.prepare is not None:
                     model = method.prepare(model, lib)
                 with contextlib.nullcontext() if lib is fastpeft else peer_warnings():
-                    model = lib.get_peft_model(model, method.config(lib)).eval()
+                    try:
+                        model = lib.get_peft_model(model, method.config(lib, targets)).eval()
+                    except Exception as e:  # noqa: BLE001
+                        if not _not_applicable(e):
+                            raise
+                        why = f"n/a: {type(e).__name__}: {e}"
+                        cases[(name, impl)] = Case(None, why)
+                        if impl == "peft" and method.mergeable:
+                            cases[(name, "peft merged")] = Case(None, why)
+                        continue
                 counts = model.get_nb_trainable_parameters()
                 mixed = ["default"] + [f"mix{i}" for i in range(1, method.adapters)]
                 for extra in mixed[1:]:
-                    model.add_adapter(extra, method.config(lib))
+                    model.add_adapter(extra, method.config(lib, targets))
                 _make_nontrivial(model)
             except ModuleNotFoundError as e:  # a peer package the method needs (bitsandbytes)
                 cases[(name, impl)] = Case(None, f"not installed: {e.name}" if e.name else f"error: {e}")
@@ -332,14 +419,15 @@ def steps(names: list[str], device: str, quick: bool) -> int:
     return per_phase * (1 + len(s.decode_batches))
 
 
-def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict:
-    """Time the base model and every (method, impl) in every phase: {"shape", "rows"}."""
+def run(device: str, quick: bool, bar: Progress, names: list[str], base, targets: Targets = LLAMA) -> dict:
+    """Time the base model and every (method, impl) in every phase: {"shape", "model", "rows"}."""
     s = model_shape(device, quick)
     is_causal = hasattr(base, "generate") and base.can_generate()
-    cases = _cases(base, names)
+    cases = _cases(base, names, targets)
     rows: list[Row] = []
     phases: list[tuple[str, int, int, Callable]] = [(f"prefill {s.prefill[0]}x{s.prefill[1]}", *s.prefill, _prefill_fn)]
-    phases += [(f"decode b{b}", b, s.context, _Decode) for b in s.decode_batches]
+    if is_causal:
+        phases += [(f"decode b{b}", b, s.context, _Decode) for b in s.decode_batches]
     vocab = base.config.vocab_size
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
@@ -352,9 +440,6 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict
             for key, case in cases.items():
                 model = case.model
                 if model is None:
-                    continue
-                if make is _Decode and not is_causal:
-                    here[key].status = "n/a: not a generative model"
                     continue
                 try:
                     if key[1].startswith("peft"):
@@ -391,5 +476,7 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict
                 if cases[key].counts is not None:
                     trainable, total = cases[key].counts
                     row.trainable, row.trainable_pct = trainable, 100 * trainable / total
-    return {"shape": asdict(s), "model": type(base).__name__, "rows": [asdict(r) for r in rows]}
+    notes = [] if is_causal else [f"decode: n/a: {type(base).__name__} does not generate (prefill only)"]
+    return {"shape": asdict(s), "model": type(base).__name__, "model_info": describe_model(base),
+            "targets": asdict(targets), "rows": [asdict(r) for r in rows], "notes": notes}
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastpeft.bench import layer
+from fastpeft.bench.plot import write_plot
+from fastpeft.bench.methods import model_summary
 
 
 def _fmt(v: float | None, spec: str = ".1f") -> str:
@@ -137,13 +138,23 @@ def multi_table(result: dict) -> list[str]:
     return [head, ""] + _table(cols, rows)
 
 
+def _model_line(section: dict) -> str:
+    """The model a section ran on, as measured on the model itself (older results: the shape)."""
+    if section.get("model_info"):
+        return model_summary(section["model_info"])
+    s = section["shape"]
+    return f"{section['model']} (hidden {s['hidden']}, {s['layers']} layers), {s['dtype']}"
+
+
 def methods_table(result: dict) -> list[str]:
     section, dev = result["methods"], result["device"]
-    s = section["shape"]
     cuda = dev["type"] == "cuda"
+    targets = section.get("targets") or {}
     head = (
-        f"**Methods on {dev['summary']}** — {section['model']} (hidden {s['hidden']}, {s['layers']} layers), "
-        f"{s['dtype']}; latency in µs per forward (decode: per token); penalty = median / base model median"
+        f"**Methods on {dev['summary']}** — {_model_line(section)}"
+        + (f"; LoRA targets {','.join(targets['linears'])}" if targets.get("linears") else
+           "; LoRA targets: the libraries' defaults for the model type" if targets else "")
+        + "; latency in µs per forward (decode: per token); penalty = median / base model median"
         + ("; decode steps from CUDA-graph replays on a static cache where they capture (timing column), "
            "penalties only between rows timed alike; eager = do_bench of the eager step, launches included"
            if cuda else "")
@@ -159,14 +170,15 @@ def methods_table(result: dict) -> list[str]:
             cells += [_timing_cell(r), _fmt(r["eager_us"]), _ratio(r["eager_penalty"]),
                       _fmt(r["peak_mem_mib"], ".0f")]
         rows.append(cells)
-    return [head, ""] + _table(cols, rows)
+    return [head, ""] + _table(cols, rows) + [f"- {note}" for note in section.get("notes", [])]
 
 
 def training_table(result: dict) -> list[str]:
     section, dev = result["training"], result["device"]
     batch, seq = section["batch"]
+    model = model_summary(result["model"]) if result.get("model") else section["model"]
     head = (
-        f"**Training on {dev['summary']}** — {section['model']}, one AdamW step (forward with labels, "
+        f"**Training on {dev['summary']}** — {model}, one AdamW step (forward with labels, "
         f"backward, step) on a {batch}x{seq} batch; µs per step; vs peft = fastpeft median / peft median"
     )
     cuda = dev["type"] == "cuda"
@@ -210,6 +222,7 @@ def format_tables(result: dict) -> str:
         parts += training_table(result) + [""]
         if "optimizer" in result["training"]:
             parts += optimizer_table(result) + [""]
+    parts += [f"- {note}" for note in result.get("notes", [])]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -218,6 +231,7 @@ def _markdown(result: dict) -> str:
     return "\n".join([
         "# fastpeft bench: the inference latency penalty of PEFT methods", "",
         f"- device: {result['device']['summary']}",
+        *([f"- model: {model_summary(result['model'])}"] if result.get("model") else []),
         f"- fastpeft.ops backend on this device: {result['ops_backend']}",
         "- env: " + ", ".join(f"{k}={v or 'unset'}" for k, v in result["env"].items()),
         f"- versions: {versions}",
@@ -230,91 +244,9 @@ def _markdown(result: dict) -> str:
     ])
 
 
-def _bars(ax, groups: list[str], series: dict[str, list[float | None]], title: str) -> None:
-    from matplotlib import colormaps  # only reached once _plot has imported matplotlib
-
-    width = 0.8 / max(len(series), 1)
-    for j, (label, vals) in enumerate(series.items()):
-        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        color = colormaps["tab20"](j % 20)  # the default cycle repeats after 10 series
-        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=label, color=color)
-        for x, v in zip(xs, vals):
-            if v is None:  # no number (not installed, error): say so, never draw a value
-                ax.text(x, 0.05, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    top = max([v for vals in series.values() for v in vals if v is not None] + [1.0])
-    ax.set_ylim(0, top * 1.3)
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
-    ax.set_ylabel("latency / base (median)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
-
-
-def _plot(result: dict, path: Path) -> str | None:
-    """Penalty bars: kernels grouped by M, mixed batches and methods by phase. Returns why it was skipped."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: skipping the plot (pip install -e \".[bench]\")"
-    sections = [k for k in ("kernels", "nf4", "multi", "methods") if k in result]
-    if not sections:
-        return "no section with latency ratios ran (training alone): no plot"
-    fig, axes = plt.subplots(1, len(sections), figsize=(10 * len(sections), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], sections):
-        rows = result[name]["rows"]
-        if name == "kernels":
-            groups = sorted({r["m"] for r in rows})
-            impls = [i for i in layer.IMPLS if i != "base"]
-            series = {
-                next(r["label"] for r in rows if r["impl"] == i): [
-                    next((r["penalty"] for r in rows if r["impl"] == i and r["m"] == m), None) for m in groups
-                ]
-                for i in impls
-            }
-            _bars(ax, [f"M={m}" for m in groups], series, "LoRA layer, unmerged")
-        elif name == "nf4":
-            groups = list(dict.fromkeys((r["layer"], r["m"]) for r in rows))
-            labels = dict.fromkeys(r["label"] for r in rows if r["impl"] != "dense")
-            series = {
-                label: [next((r["vs_dense"] for r in rows if r["label"] == label and (r["layer"], r["m"]) == g), None)
-                        for g in groups]
-                for label in labels
-            }
-            _bars(ax, [f"{lay} M={m}" for lay, m in groups], series, "NF4 layer, latency / dense")
-        elif name == "multi":
-            rows = [r for r in rows if r["part"] == "layer"]
-            groups = list(dict.fromkeys(r["phase"] for r in rows))
-            labels = dict.fromkeys(r["label"] for r in rows if r["impl"] != "base")
-            series = {
-                label: [next((r["vs_base"] for r in rows if r["label"] == label and r["phase"] == p), None)
-                        for p in groups]
-                for label in labels
-            }
-            _bars(ax, groups, series, "mixed-adapter batch, one layer")
-        else:
-            groups = list(dict.fromkeys(r["phase"] for r in rows))
-            keys = list(dict.fromkeys((r["method"], r["impl"]) for r in rows if r["method"] != "base"))
-            series = {
-                f"{m} [{i}]": [
-                    next((r["penalty"] for r in rows if (r["method"], r["impl"], r["phase"]) == (m, i, p)), None)
-                    for p in groups
-                ]
-                for m, i in keys
-            }
-            _bars(ax, groups, series, f"methods in {result['methods']['model']}")
-    fig.suptitle(result["device"]["summary"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
-
-
 def write_outputs(result: dict, out: Path) -> list[str]:
     """results.json, results.md and plot.png in `out`; returns notes for the user (skips)."""
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(result))
-    skipped = _plot(result, out / "plot.png")
+    skipped = write_plot(result, out / "plot.png")
     return [skipped] if skipped else []

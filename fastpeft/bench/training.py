@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fastpeft.bench.env import Quietly, peer_warnings
-from fastpeft.bench.methods import METHODS, model_shape
+from fastpeft.bench.methods import LLAMA, METHODS, Targets, model_shape
 from fastpeft.bench.timing import Progress, time_cpu, time_cuda
 
 # The methods whose training the section times (when the methods section knows them).
@@ -61,13 +61,13 @@ def _step_fn(model, ids) -> Any:
     return step
 
 
-def _build(base, name: str, lib) -> Any:
+def _build(base, name: str, lib, targets: Targets = LLAMA) -> Any:
     method = METHODS[name]
     prepare = getattr(method, "prepare", None)
     model = copy.deepcopy(base)
     if prepare is not None:
         model = prepare(model, lib)
-    model = lib.get_peft_model(model, method.config(lib)).train()
+    model = lib.get_peft_model(model, method.config(lib, targets)).train()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -76,7 +76,7 @@ def _build(base, name: str, lib) -> Any:
     return model
 
 
-def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict:
+def run(device: str, quick: bool, bar: Progress, names: list[str], base, targets: Targets = LLAMA) -> dict:
     """Time one training step per (method, library): {"batch", "rows"}."""
     import fastpeft
 
@@ -100,9 +100,9 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base) -> dict
             try:
                 if impl == "peft":
                     with peer_warnings():
-                        calls[impl] = Quietly(_step_fn(_build(base, name, lib), ids))
+                        calls[impl] = Quietly(_step_fn(_build(base, name, lib, targets), ids))
                 else:
-                    calls[impl] = _step_fn(_build(base, name, lib), ids)
+                    calls[impl] = _step_fn(_build(base, name, lib, targets), ids)
                 calls[impl]()  # warm-up, and proof that it runs
             except Exception as e:  # noqa: BLE001  (one broken case must not sink the run)
                 here[impl].status = f"error: {type(e).__name__}: {e}"

@@ -39,8 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fastpeft import ops
-from fastpeft.config import register_config
+from fastpeft import ops, registry
 from fastpeft.methods.base import AdapterLayer
 from fastpeft.methods.lora import LoraConfig, LoraModel, _is_conv1d, check_finite, requantize_into
 from fastpeft.quant.nf4 import Linear4bit
@@ -48,7 +47,6 @@ from fastpeft.quant.nf4 import Linear4bit
 _CHECKPOINT_NAMES = ("lora_A", "lora_B", "lora_E")
 
 
-@register_config
 @dataclass
 class AdaLoraConfig(LoraConfig):
     """PEFT's `AdaLoraConfig`: LoraConfig's fields plus the schedule; `r` is unused (init_r is)."""
@@ -455,3 +453,6 @@ class AdaLoraModel(LoraModel):
             mask = config.kept_ranks(key)
             if adapter_name in layer.lora_A and mask is not None:
                 layer.kept_ranks[adapter_name] = mask
+
+
+registry.register(AdaLoraConfig, tuner=AdaLoraModel)

@@ -37,8 +37,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from fastpeft import inject, ops
-from fastpeft.config import PeftConfig, register_config
+from fastpeft import inject, ops, registry
+from fastpeft.config import PeftConfig
 from fastpeft.methods.base import AdapterLayer, BaseTuner, ModulesToSaveWrapper
 
 MAX_BOTTLENECK = 256  # the fused kernel keeps the [rows, b] tile in registers
@@ -78,7 +78,6 @@ class BottleneckFields:
         return AdapterConfig(variant=variant, inference_mode=self.inference_mode, **own)
 
 
-@register_config
 @dataclass
 class AdapterConfig(PeftConfig, BottleneckFields):
     """A bottleneck adapter (fastpeft's own format: PEFT has no such method)."""
@@ -254,3 +253,6 @@ class BottleneckModel(BaseTuner):
         b = config.width(h, key)
         return {"adapter_down.weight": (b, h), "adapter_down.bias": (b,),
                 "adapter_up.weight": (h, b), "adapter_up.bias": (h,)}
+
+
+registry.register(AdapterConfig, tuner=BottleneckModel)

@@ -32,8 +32,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from fastpeft import inject
-from fastpeft.config import PeftConfig, register_config
+from fastpeft import inject, registry
+from fastpeft.config import PeftConfig
 from fastpeft.methods.base import AdapterLayer, BaseTuner, ModulesToSaveWrapper
 
 LAYER_NAME = "bitfit_bias"
@@ -41,7 +41,6 @@ _ATTENTION = re.compile(r"attn|attention")
 _MLP = {"mlp", "intermediate", "ffn", "feed_forward"}
 
 
-@register_config
 @dataclass
 class BitFitConfig(PeftConfig):
     """Which biases BitFit trains (fastpeft's own method: PEFT has none)."""
@@ -199,3 +198,6 @@ class BitFitModel(BaseTuner):
 def _is_conv1d(module: nn.Module) -> bool:
     conv1d = inject.conv1d_class()
     return conv1d is not None and isinstance(module, conv1d)
+
+
+registry.register(BitFitConfig, tuner=BitFitModel)

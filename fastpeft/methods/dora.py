@@ -31,14 +31,13 @@ is ``lora_magnitude_vector`` (PEFT drops the ``.weight``), see `to_checkpoint` /
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from fastpeft.methods.lora import LoraLinear
-
+# The layers below are `fastpeft.methods.lora.LoraLinear`s, typed `nn.Module` here: lora imports
+# this module, so importing it back (even for type checking) would close an import cycle.
 LAYER_NAME = "lora_magnitude_vector"
 _MODEL_KEY = f"{LAYER_NAME}.weight"
 
@@ -105,7 +104,7 @@ class DoraMagnitude(nn.Module):
         return self._factor[1]
 
 
-def unmerged_weight(layer: LoraLinear) -> torch.Tensor:
+def unmerged_weight(layer: nn.Module) -> torch.Tensor:
     """The base weight [out, in] fp32 with every merged adapter taken out again (PEFT's
     `_unmerged_base_weight`): the norm of a DoRA merge is always that of the unmerged direction."""
     weight = layer.base_weight().detach().float().clone()
@@ -117,7 +116,7 @@ def unmerged_weight(layer: LoraLinear) -> torch.Tensor:
     return weight
 
 
-def merge(layer: LoraLinear, name: str, safe_merge: bool) -> float | None:
+def merge(layer: nn.Module, name: str, safe_merge: bool) -> float | None:
     """``W <- f * (W + s B A)`` with ``f = m / ||W0 + s B A||`` (W0: the unmerged weight); returns
     what `layer.write_base_weight` does (the re-quantization error over an NF4 base)."""
     magnitude = layer.lora_magnitude_vector[name]
@@ -131,7 +130,7 @@ def merge(layer: LoraLinear, name: str, safe_merge: bool) -> float | None:
     return error
 
 
-def unmerge(layer: LoraLinear, name: str) -> None:
+def unmerge(layer: nn.Module, name: str) -> None:
     """``W <- W / f - s B A`` with the norm the merge used."""
     magnitude = layer.lora_magnitude_vector[name]
     with torch.no_grad():

@@ -24,15 +24,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fastpeft import inject, ops
-from fastpeft.config import PeftConfig, register_config
+from fastpeft import inject, ops, registry
+from fastpeft.config import PeftConfig
 from fastpeft.methods.base import AdapterLayer, BaseTuner
 from fastpeft.quant.nf4 import Linear4bit
 
 LAYER_NAME = "ia3_l"
 
 
-@register_config
 @dataclass
 class IA3Config(PeftConfig):
     """PEFT's `IA3Config`: same fields, defaults, validation and JSON keys."""
@@ -203,3 +202,6 @@ class IA3Model(BaseTuner):
 def _is_conv1d(module: nn.Module) -> bool:
     conv1d = inject.conv1d_class()
     return conv1d is not None and isinstance(module, conv1d)
+
+
+registry.register(IA3Config, tuner=IA3Model)

@@ -16,14 +16,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from fastpeft import inject, ops
-from fastpeft.config import PeftConfig, register_config
+from fastpeft import inject, ops, registry
+from fastpeft.config import PeftConfig
 from fastpeft.methods import dora
 from fastpeft.methods.base import AdapterLayer, BaseTuner
 from fastpeft.quant.nf4 import Linear4bit
 
 
-@register_config
 @dataclass
 class LoraConfig(PeftConfig):
     """PEFT's `LoraConfig`: same fields, defaults, validation and JSON keys."""
@@ -369,3 +368,6 @@ class NF4LoraLinear(LoraLinear):
             col_scale=col_scale,
         )
         return y.to(x.dtype)
+
+
+registry.register(LoraConfig, tuner=LoraModel)

@@ -30,20 +30,16 @@ adapter at a time.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
-from torch import nn
 
-from fastpeft import checkpoint, prompting
-from fastpeft.config import PeftConfig, register_config
+from fastpeft import prompting, registry
 from fastpeft.methods.adapter import AdapterConfig, BottleneckFields, BottleneckModel
-from fastpeft.methods.prefix import PrefixTuningConfig
+from fastpeft.methods.composite import CompositeModel
+from fastpeft.methods.prefix import PrefixEncoder, PrefixTuningConfig
 
 
-@register_config
 @dataclass
 class MAMConfig(PrefixTuningConfig, BottleneckFields):
     """Prefix tuning (the inherited fields) + a parallel bottleneck adapter at every FFN."""
@@ -63,106 +59,20 @@ class MAMConfig(PrefixTuningConfig, BottleneckFields):
         return self.bottleneck("parallel")
 
 
-class MAMModel(prompting.PromptLearningModel):
+class MAMModel(CompositeModel):
     """The prompt-learning model plus parallel adapters in `base_model`; each adapter name owns a
     prefix and a set of FFN adapters, activated, trained, saved and deleted together."""
 
+    PARTS = (("_bottleneck", BottleneckModel, "adapter_config"),)
+    CONFIG, NAME = MAMConfig, "MAM"
+    MERGE_ERROR = ("MAM adapters cannot be merged into the weights: the prefix is extra attention keys and "
+                   "values, and the parallel adapter has a non-linearity between its projections")
+
     @property
     def bottleneck(self) -> BottleneckModel:
-        """The tuner over `base_model` that owns the adapter layers; kept out of the module tree
-        (its `.model` is `base_model`, which would otherwise appear twice in the state dict)."""
-        if "_bottleneck" not in self.__dict__:
-            self.__dict__["_bottleneck"] = BottleneckModel(self.base_model, {})
-        return self.__dict__["_bottleneck"]
-
-    # -- adapters ------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        if not isinstance(peft_config, MAMConfig):
-            raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a model holding MAM adapters")
-        adapter = peft_config.adapter_config()
-        self.bottleneck.targets(adapter)  # placement and widths checked before anything changes
-        super().add_adapter(adapter_name, peft_config)  # the prefix (checks its own part first)
-        self.bottleneck.peft_config[adapter_name] = adapter
-        self.bottleneck.inject_adapter(adapter_name)
-        self.set_adapter(self._active_adapter)
-
-    def set_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.bottleneck.peft_config:  # not yet while add_adapter builds the prefix
-            self.bottleneck.set_adapter(adapter_name)
-        super().set_adapter(adapter_name)
-
-    def _mark_trainable(self) -> None:
-        super()._mark_trainable()
-        name = self._active_adapter
-        if self.peft_config[name].inference_mode:
-            return
-        for _, layer in self.bottleneck.adapter_layers():
-            for param in layer.adapter_parameters(name):
-                param.requires_grad_(True)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._check_known(adapter_name)
-        self.bottleneck.delete_adapter(adapter_name)
-        super().delete_adapter(adapter_name)
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """Run the base model alone inside the block: no prefix and no adapters."""
-        with super().disable_adapter():
-            self.bottleneck.enable_adapter_layers(False)
-            try:
-                yield
-            finally:
-                self.bottleneck.enable_adapter_layers(True)
-
-    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(
-            "MAM adapters cannot be merged into the weights: the prefix is extra attention keys and values, "
-            "and the parallel adapter has a non-linearity between its projections"
-        )
-
-    merge_and_unload = unmerge_adapter = merge_adapter
-
-    def unload(self) -> nn.Module:
-        """The user's model without modules_to_save wrappers and adapter layers."""
-        super().unload()
-        return self.bottleneck.unload(merge=False)
-
-    # -- running -------------------------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
-        _refuse_mixed(adapter_names)
-        return super().forward(*args, **kwargs)
-
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
-        _refuse_mixed(adapter_names)
-        return super().generate(*args, **kwargs)
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        out = super()._adapter_state_dict(adapter_name)
-        for key, layer in self.bottleneck.adapter_layers():
-            if adapter_name in layer.adapters:
-                state = layer.adapter_state_dict(adapter_name)
-                out.update({f"{checkpoint.PROMPT_PREFIX}{key}.{k}": v for k, v in state.items()})
-        return out
-
-    @classmethod
-    def _extra_state_shapes(cls, model: nn.Module, config: MAMConfig) -> dict[str, tuple[int, ...]]:
-        shapes = BottleneckModel(model, {}).expected_state_shapes("probe", config.adapter_config())
-        return {f"{checkpoint.PROMPT_PREFIX}{k}": v for k, v in shapes.items()}
-
-    def _load_extra_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, layer in self.bottleneck.adapter_layers():
-                if adapter_name in layer.adapters:
-                    prefix = f"{checkpoint.PROMPT_PREFIX}{key}."
-                    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                    layer.load_adapter_state_dict(adapter_name, sub)
+        """The tuner over `base_model` that owns the adapter layers (outside the module tree)."""
+        return self._part("_bottleneck")
 
 
-def _refuse_mixed(adapter_names: list[str] | None) -> None:
-    if adapter_names is not None:
-        raise NotImplementedError("mixed-adapter batches (adapter_names=) with MAM adapters: set_adapter instead")
-
-
-prompting.register_task_models("MAM", MAMModel)
+registry.register(MAMConfig, encoder=lambda config, word_embeddings: PrefixEncoder(config), prefix=True,
+                  task_models=prompting.task_models(MAMModel))

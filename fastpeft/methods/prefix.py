@@ -24,10 +24,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from fastpeft.config import PromptLearningConfig, register_config
+from fastpeft import registry
+from fastpeft.config import PromptLearningConfig
 
 
-@register_config
 @dataclass
 class PrefixTuningConfig(PromptLearningConfig):
     """PEFT's `PrefixTuningConfig`; `prefix_projection=False` (the default) is P-Tuning v2."""
@@ -94,3 +94,7 @@ def prefix_cache(flat: torch.Tensor, config: PrefixTuningConfig, model_config=No
     for layer, (key, value) in enumerate(prefix_key_values(flat, config)):
         cache.update(key, value, layer)
     return cache
+
+
+registry.register(PrefixTuningConfig, encoder=lambda config, word_embeddings: PrefixEncoder(config),
+                  prefix=True)

@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fastpeft.config import PromptLearningConfig, register_config
+from fastpeft import registry
+from fastpeft.config import PromptLearningConfig
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -25,7 +26,6 @@ class PromptTuningInit(str, enum.Enum):
     RANDOM = "RANDOM"
 
 
-@register_config
 @dataclass
 class PromptTuningConfig(PromptLearningConfig):
     """PEFT's `PromptTuningConfig`.
@@ -106,3 +106,6 @@ def _init_text_ids(config: PromptTuningConfig, total: int) -> list[int]:
             f"num_virtual_tokens={total}: make them equal"
         )
     return ids
+
+
+registry.register(PromptTuningConfig, encoder=PromptEmbedding)

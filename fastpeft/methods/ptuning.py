@@ -17,7 +17,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fastpeft.config import PromptLearningConfig, register_config
+from fastpeft import registry
+from fastpeft.config import PromptLearningConfig
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -25,7 +26,6 @@ class PromptEncoderReparameterizationType(str, enum.Enum):
     LSTM = "LSTM"
 
 
-@register_config
 @dataclass
 class PromptEncoderConfig(PromptLearningConfig):
     """PEFT's `PromptEncoderConfig` (P-Tuning v1)."""
@@ -104,3 +104,6 @@ class PromptEncoder(nn.Module):
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
             embeds = self.lstm_head(embeds)[0]
         return self.mlp_head(embeds)
+
+
+registry.register(PromptEncoderConfig, encoder=lambda config, word_embeddings: PromptEncoder(config))

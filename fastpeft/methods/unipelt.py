@@ -69,7 +69,6 @@ gated). Mixed-adapter batches are refused.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 from dataclasses import dataclass, field
@@ -79,11 +78,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastpeft import checkpoint, prompting
-from fastpeft.config import PeftConfig, register_config
+from fastpeft import prompting, registry
+from fastpeft.config import PeftConfig
 from fastpeft.methods.adapter import AdapterConfig, BottleneckAdapterLayer, BottleneckFields, BottleneckModel
+from fastpeft.methods.composite import CompositeModel
 from fastpeft.methods.lora import LoraConfig, LoraLinear, LoraModel
-from fastpeft.methods.prefix import PrefixTuningConfig
+from fastpeft.methods.prefix import PrefixEncoder, PrefixTuningConfig
 from fastpeft.quant.nf4 import Linear4bit
 
 PREFIX_GATE = "prefix_gate"  # checkpoint keys prefix_gate.weight [num_layers, H], prefix_gate.bias [num_layers]
@@ -93,7 +93,6 @@ CACHE_TAG = "fastpeft_prefix_gate"  # on the prefix cache: (the adapter's gate L
 GATE_STASH = "fastpeft_prefix_gate"  # on an attention module, for one call: (g [B, T] fp32, num_virtual_tokens)
 
 
-@register_config
 @dataclass
 class UniPELTConfig(PrefixTuningConfig, BottleneckFields):
     """Prefix tuning (the inherited fields) + gated LoRA + a gated Pfeiffer adapter, one config."""
@@ -333,40 +332,31 @@ def _check_originals(sites: list[nn.Module]) -> None:
             raise NotImplementedError(f"{type(m).__name__}: no module-level eager_attention_forward to stand in for")
 
 
-class UniPELTModel(prompting.PromptLearningModel):
+class UniPELTModel(CompositeModel):
     """The prompt-learning model plus gated LoRA and gated adapters in `base_model` and the prefix
     gates in `prefix_gate`; each adapter name owns all of them, activated, trained, saved and
     deleted together."""
 
-    def _tuner(self, attr: str, cls: type):
-        """A tuner over `base_model`, kept out of the module tree (as MAM's)."""
-        if attr not in self.__dict__:
-            self.__dict__[attr] = cls(self.base_model, {})
-        return self.__dict__[attr]
+    PARTS = (("_lora", GatedLoraModel, "lora_config"), ("_bottleneck", GatedBottleneckModel, "adapter_config"))
+    CONFIG, NAME = UniPELTConfig, "UniPELT"
+    MERGE_ERROR = ("UniPELT adapters cannot be merged into the weights: the gates depend on each token's input, "
+                   "the prefix is extra attention keys and values, and the adapter has a non-linearity")
 
     @property
     def lora(self) -> GatedLoraModel:
-        return self._tuner("_lora", GatedLoraModel)
+        return self._part("_lora")
 
     @property
     def bottleneck(self) -> GatedBottleneckModel:
-        return self._tuner("_bottleneck", GatedBottleneckModel)
-
-    def _layers(self):
-        yield from self.lora.adapter_layers()
-        yield from self.bottleneck.adapter_layers()
+        return self._part("_bottleneck")
 
     # -- adapters ------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        if not isinstance(peft_config, UniPELTConfig):
-            raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a model holding UNIPELT adapters")
-        lora, adapter = peft_config.lora_config(), peft_config.adapter_config()
-        self.lora.targets(lora)  # all parts' placement and widths checked before anything changes
-        self.bottleneck.targets(adapter)
+    def _add_prefix(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """The prefix, its gate, and (for the first adapter) the gated attention hooks."""
         sites = None if self.__dict__.get("_gate_hooks") else attention_sites(self.base_model)
         if sites is not None:
             _check_originals(sites)
-        super().add_adapter(adapter_name, peft_config)  # the prefix (checks its own part first)
+        super()._add_prefix(adapter_name, peft_config)
         if "prefix_gate" not in self._modules:
             self.prefix_gate = nn.ModuleDict()
         device = next(self.base_model.parameters()).device
@@ -375,37 +365,19 @@ class UniPELTModel(prompting.PromptLearningModel):
         )
         if sites is not None:
             self._attach_gates(sites)
-        self.lora.peft_config[adapter_name] = lora
-        self.lora.inject_adapter(adapter_name)
-        self.bottleneck.peft_config[adapter_name] = adapter
-        self.bottleneck.inject_adapter(adapter_name)
-        self.set_adapter(self._active_adapter)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        for tuner in (self.lora, self.bottleneck):
-            if adapter_name in tuner.peft_config:  # not yet while add_adapter builds the prefix
-                tuner.set_adapter(adapter_name)
-        super().set_adapter(adapter_name)
-
-    def _mark_trainable(self) -> None:
-        super()._mark_trainable()
+    def _mark_extra_trainable(self, adapter_name: str) -> bool:
         gates = self._modules.get("prefix_gate")
         if gates is not None:
             gates.requires_grad_(False)
-        name = self._active_adapter
-        if self.peft_config[name].inference_mode or gates is None or name not in gates:
-            return
-        gates[name].requires_grad_(True)
-        for _, layer in self._layers():
-            for param in layer.adapter_parameters(name):
-                param.requires_grad_(True)
+        if self.peft_config[adapter_name].inference_mode or gates is None or adapter_name not in gates:
+            return False
+        gates[adapter_name].requires_grad_(True)
+        return True
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._check_known(adapter_name)
-        self.lora.delete_adapter(adapter_name)
-        self.bottleneck.delete_adapter(adapter_name)
-        del self.prefix_gate[adapter_name]
         super().delete_adapter(adapter_name)
+        del self.prefix_gate[adapter_name]
         if not self.peft_config:
             self._detach_gates()
 
@@ -427,32 +399,10 @@ class UniPELTModel(prompting.PromptLearningModel):
         for config, original in originals:
             config._attn_implementation = original
 
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """Run the base model alone inside the block: no prefix, no LoRA, no adapters."""
-        with super().disable_adapter():
-            for tuner in (self.lora, self.bottleneck):
-                tuner.enable_adapter_layers(False)
-            try:
-                yield
-            finally:
-                for tuner in (self.lora, self.bottleneck):
-                    tuner.enable_adapter_layers(True)
-
-    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(
-            "UniPELT adapters cannot be merged into the weights: the gates depend on each token's input, the "
-            "prefix is extra attention keys and values, and the adapter has a non-linearity"
-        )
-
-    merge_and_unload = unmerge_adapter = merge_adapter
-
     def unload(self) -> nn.Module:
-        """The user's model without modules_to_save wrappers, LoRA layers and adapter layers."""
-        super().unload()
+        """The user's model without modules_to_save wrappers, gate hooks, LoRA and adapter layers."""
         self._detach_gates()
-        self.lora.unload(merge=False)
-        return self.bottleneck.unload(merge=False)
+        return super().unload()
 
     # -- prompts and running -------------------------------------------------------------------
     def get_prompt(self, batch_size: int, adapter_name: str | None = None):
@@ -462,43 +412,25 @@ class UniPELTModel(prompting.PromptLearningModel):
         setattr(cache, CACHE_TAG, (self.prefix_gate[name], self.peft_config[name].num_virtual_tokens))
         return cache
 
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
-        _refuse_mixed(adapter_names)
-        return super().forward(*args, **kwargs)
-
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
-        _refuse_mixed(adapter_names)
-        return super().generate(*args, **kwargs)
-
     # -- checkpoints ---------------------------------------------------------------------------
     def _adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         out = super()._adapter_state_dict(adapter_name)
         gate = self.prefix_gate[adapter_name].state_dict()
         out.update({f"{PREFIX_GATE}.{k}": v.detach().cpu() for k, v in gate.items()})
-        for key, layer in self._layers():
-            if adapter_name in layer.adapters:
-                state = layer.adapter_state_dict(adapter_name)
-                out.update({f"{checkpoint.PROMPT_PREFIX}{key}.{k}": v for k, v in state.items()})
         return out
 
     @classmethod
     def _extra_state_shapes(cls, model: nn.Module, config: UniPELTConfig) -> dict[str, tuple[int, ...]]:
-        shapes = GatedLoraModel(model, {}).expected_state_shapes("probe", config.lora_config())
-        shapes.update(GatedBottleneckModel(model, {}).expected_state_shapes("probe", config.adapter_config()))
-        out = {f"{checkpoint.PROMPT_PREFIX}{k}": v for k, v in shapes.items()}
+        out = super()._extra_state_shapes(model, config)
         out[f"{PREFIX_GATE}.weight"] = (config.num_layers, _hidden_size(model))
         out[f"{PREFIX_GATE}.bias"] = (config.num_layers,)
         return out
 
     def _load_extra_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        super()._load_extra_state(adapter_name, state)
         with torch.no_grad():
             gate = self.prefix_gate[adapter_name]
             gate.load_state_dict({k: state[f"{PREFIX_GATE}.{k}"] for k in ("weight", "bias")})
-            for key, layer in self._layers():
-                if adapter_name in layer.adapters:
-                    prefix = f"{checkpoint.PROMPT_PREFIX}{key}."
-                    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                    layer.load_adapter_state_dict(adapter_name, sub)
 
 
 def _hidden_size(model: nn.Module) -> int:
@@ -507,9 +439,5 @@ def _hidden_size(model: nn.Module) -> int:
     return config.hidden_size
 
 
-def _refuse_mixed(adapter_names: list[str] | None) -> None:
-    if adapter_names is not None:
-        raise NotImplementedError("mixed-adapter batches (adapter_names=) with UniPELT adapters: set_adapter instead")
-
-
-prompting.register_task_models("UNIPELT", UniPELTModel)
+registry.register(UniPELTConfig, encoder=lambda config, word_embeddings: PrefixEncoder(config), prefix=True,
+                  task_models=prompting.task_models(UniPELTModel))

@@ -7,7 +7,7 @@
   PagedAdamW8bit  AdamW8bit, paged the same way: QLoRA's paged optimizer.
 
 All are `torch.optim.Optimizer`s: param groups, lr schedulers, zero_grad and state_dict work as
-with torch's. The kernels are reached through `_bridge` only.
+with torch's. The kernels are reached through `fastpeft.ops.optim` only.
 """
 from fastpeft.optim.adamw import AdamW8bit
 from fastpeft.optim.paged import PagedAdamW, PagedAdamW8bit

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastpeft.optim import _bridge
+from fastpeft.ops import optim as optim_ops
 
 __all__ = ["AdamW8bit", "MIN_8BIT_SIZE", "adamw_update"]
 
@@ -170,7 +170,7 @@ class _AdamWBase(Optimizer):
     def _maps_on(self, device: torch.device) -> tuple:
         """The 8-bit maps on `device`, built once per optimizer and device."""
         if device not in self._maps:
-            self._maps[device] = _bridge.adamw8bit_maps(device)
+            self._maps[device] = optim_ops.adamw8bit_maps(device)
         return self._maps[device]
 
 
@@ -215,7 +215,7 @@ class AdamW8bit(_AdamWBase):
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"], step=step)
         if "exp_avg_codes" in state:
-            _bridge.adamw8bit_update(p, g, state["exp_avg_codes"], state["exp_avg_absmax"],
+            optim_ops.adamw8bit_update(p, g, state["exp_avg_codes"], state["exp_avg_absmax"],
                                      state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
                                      self._maps_on(p.device), block_size=group["block_size"], **hyper)
         else:  # a small tensor: fp32 moments and fp32 math, whatever the parameter's dtype

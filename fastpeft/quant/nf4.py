@@ -36,7 +36,7 @@ class NF4Config:
     blocksize: int = field(default=64, metadata={"help": "Weights per absmax block (32..4096, powers of 2)."})
     double_quant: bool = field(default=True, metadata={"help": "Quantize the absmax values too (~0.37 bit/param saved)."})
     compute_dtype: torch.dtype = field(default=torch.float32, metadata={"help": "dtype of the matmuls (bnb's default fp32)."})
-    skip_modules: list[str] | None = field(default=None, metadata={"help": "Names kept in full precision, besides lm_head."})
+    skip_modules: list[str] | None = field(default=None, metadata={"help": "Names kept in full precision, added to the default head rule (quantize_model)."})
 
     def __post_init__(self):
         if self.blocksize not in NF4_BLOCKSIZES:
@@ -258,19 +258,45 @@ def _skipped(name: str, skip: list[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
+def _default_skips(model: nn.Module) -> set[str]:
+    """transformers' rule (`get_keys_to_not_convert`), as module names: the output embedding,
+    every module whose weight is tied to (shared with) another's, and on a transformers model
+    (one with `get_output_embeddings`) the module holding its last parameter: the head
+    (`classifier`, `score`, `lm_head`, a bare encoder's `pooler.dense`). transformers 5 strips
+    only ".weight" from that last name, so a head with a bias ("classifier.bias") no longer
+    matches its module there; the module is meant, as transformers 4 had it."""
+    names: set[str] = set()
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname.rpartition(".")[0])
+    names.update(m for mods in owners.values() if len(mods) > 1 for m in mods)
+    if hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+        names.update(n for n, m in model.named_modules() if head is not None and m is head)
+        params = list(model.named_parameters())
+        if params:
+            names.add(params[-1][0].rpartition(".")[0])
+    names.discard("")
+    return names
+
+
 def quantize_model(model: nn.Module, config: NF4Config | None = None) -> nn.Module:
     """Replace every nn.Linear of `model` by an NF4 `Linear4bit`, in place; returns `model`.
 
-    Skipped: `lm_head`, the model's output embedding, and the names in `config.skip_modules`
-    (a name or a dotted suffix). All layers are quantized before the first swap, so an error
-    leaves the model unchanged. GPT-2's Conv1D is not converted (not a plain nn.Linear).
+    Kept in full precision, by default, as transformers' `BitsAndBytesConfig` keeps them: the
+    heads (`lm_head`, the output embedding, any tied weight, and the module holding a transformers
+    model's last parameter: `classifier`, `score`, a bare encoder's `pooler.dense`); see
+    `_default_skips`. `config.skip_modules` adds names (a name or a dotted suffix) to that rule
+    (transformers' `llm_int8_skip_modules` replaces it instead). All layers are quantized before
+    the first swap, so an error leaves the model unchanged. GPT-2's Conv1D is not converted
+    (not a plain nn.Linear).
     """
     config = config or NF4Config()
-    skip = ["lm_head", *(config.skip_modules or [])]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    default = _default_skips(model)
+    extra = ["lm_head", *(config.skip_modules or [])]
     swaps = []
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and module is not head and not _skipped(name, skip):
+        if type(module) is nn.Linear and name not in default and not _skipped(name, extra):
             try:
                 swaps.append((name, Linear4bit.from_linear(module, config)))
             except ValueError as err:

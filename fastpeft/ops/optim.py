@@ -1,5 +1,5 @@
 """The optimizers' bridge to `fastpeft.kernels`: argument checks and the backend choice for the
-8-bit AdamW update (meant to become fastpeft/ops/optim.py).
+8-bit AdamW update that `fastpeft.optim` runs.
 
 Backends as everywhere in fastpeft (`fastpeft.ops.resolve_backend`): the fused Triton kernel
 (kernels/optim.py) when the parameter is on CUDA or ``FASTPEFT_BACKEND=triton``, else
@@ -11,18 +11,16 @@ import torch
 from torch import Tensor
 
 from fastpeft.kernels import reference
-from fastpeft.ops import resolve_backend
+from fastpeft.ops._backend import FLOAT_DTYPES, kernels, resolve_backend
 
 __all__ = ["adamw8bit_maps", "adamw8bit_update"]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 adamw8bit_maps = reference.adamw8bit_maps
 
 
 def _check(param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, maps, block_size) -> None:
     """Everything the update relies on, checked before either backend runs."""
-    if param.dtype not in _FLOAT_DTYPES:
+    if param.dtype not in FLOAT_DTYPES:
         raise ValueError(f"adamw8bit_update: param dtype must be float32|float16|bfloat16, got {param.dtype}")
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"adamw8bit_update: block_size must be a positive power of two, got {block_size}")
@@ -52,10 +50,7 @@ def adamw8bit_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_absma
     1-based step this update makes. `backend`: ``"auto"|"triton"|"torch"`` (see module docstring).
     """
     _check(param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, maps, block_size)
-    if resolve_backend(param, backend) == "triton":
-        from fastpeft.kernels import optim as impl
-    else:
-        impl = reference
+    impl = kernels(resolve_backend(param, backend), "optim")
     impl.adamw8bit_update(param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, maps,
                           lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                           step=step, block_size=block_size)

@@ -1,0 +1,2 @@
+"""Glue between fastpeft and other libraries' training loops; imported on demand only
+(`fastpeft.integrations.transformers`), never by `import fastpeft`."""

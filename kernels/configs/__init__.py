@@ -23,8 +23,11 @@ import triton
 ARCHS = ("sm_90a", "sm_80")
 FAMILIES = ("LORA_FWD", "NF4_TILED")
 MIN_DECODE_PROGRAMS = 264  # 2 x 132 SMs: a 4096x4096 layer at M = 1 fills an H100 twice
-_REG_BUDGET = 160          # fp32 tile registers per thread an estimate may use (of 255; the rest
-                           # is addresses, masks and the decode's temporaries)
+# 32-bit tile registers per thread an estimate may use (of 255; the rest is addresses, masks and
+# the decode's temporaries): 16-bit operands feed tensor cores from compact fragments; fp32
+# operands ("ieee" dots run on FMA) need their whole slices in registers, and configs over 64
+# estimated words spilled in the static check (sm_80 and sm_90a).
+_REG_BUDGET = {2: 160, 4: 64}
 
 
 def arch() -> str:
@@ -74,7 +77,7 @@ def fits(cfg: tuple, elem_bytes: int, r_pad: int, nf4: bool, arch_name: str | No
     bm, bn, bk, nw, ns = cfg
     limit = table(arch_name).SMEM_LIMIT
     return (smem_estimate(bm, bn, bk, ns, elem_bytes, r_pad, nf4) <= limit
-            and reg_estimate(bm, bn, bk, nw, elem_bytes, r_pad, nf4) <= _REG_BUDGET)
+            and reg_estimate(bm, bn, bk, nw, elem_bytes, r_pad, nf4) <= _REG_BUDGET[min(elem_bytes, 4)])
 
 
 def candidates(family: str, arch_name: str | None = None) -> list[tuple]:

@@ -9,17 +9,19 @@ SMEM_LIMIT = 166912
 SMS = 108
 
 LORA_FWD = [
-    (16, 16, 256, 4, 3),     # decode: narrow columns, so a 4096-wide layer gets 256 programs
+    (16, 16, 128, 4, 3),     # decode: narrow columns, so a 4096-wide layer gets 256 programs
     (16, 32, 128, 4, 4),
     (16, 64, 128, 4, 4),
     (32, 64, 64, 4, 4),
-    (64, 64, 64, 4, 4),      # prefill: M >= 64 tiles run on mma.sync
+    (64, 64, 32, 8, 3),      # prefill; the one fp32 (ieee, FMA) prefill tile that does not spill
+    (64, 64, 64, 4, 4),      # M >= 64 tiles run on mma.sync
     (64, 128, 32, 4, 4),
     (128, 64, 32, 4, 4),
     (128, 128, 32, 8, 3),
     (128, 128, 64, 8, 3),
 ]
 NF4_TILED = [
+    (64, 64, 32, 8, 3),      # fits fp32 too
     (64, 64, 64, 4, 3),
     (64, 128, 64, 4, 3),
     (128, 64, 64, 8, 3),

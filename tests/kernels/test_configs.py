@@ -45,7 +45,7 @@ def test_prune_drops_what_does_not_fit():
 
 def test_prune_prefers_wide_grids_at_decode():
     narrow = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=3)
-    wide = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=3)
+    wide = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=3)
     x = torch.empty(1, 1, dtype=torch.float16)
     kept = configs.prune(False, "sm_90a")([narrow, wide], {"x_ptr": x, "M": 1, "P": 4096}, R_PAD=16, HAS_LORA=True)
     assert kept == [wide]

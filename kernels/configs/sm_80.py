@@ -22,12 +22,11 @@ LORA_FWD = [
 ]
 NF4_TILED = [
     (64, 64, 32, 8, 3),      # fits fp32 too
-    (64, 64, 64, 4, 3),
     (64, 128, 64, 4, 3),
     (128, 64, 64, 8, 3),
     (128, 128, 64, 8, 3),
-    (64, 128, 128, 8, 2),
 ]
+# (64, 64, 64, 4, 3) and (64, 128, 128, 8, 2) spill on sm_80 (static check, dX and forward)
 # decode, M <= 4: multiply-and-reduce GEMV; 4 < M <= 16: tl.dot on a 16-row tile
 NF4_GEMV = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3)
 NF4_SPLITK = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)

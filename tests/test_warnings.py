@@ -46,6 +46,8 @@ SCRIPT = textwrap.dedent('''
         print(name, "ok")
     gpt = fastpeft.get_peft_model(gpt2(), fastpeft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     gpt(input_ids=ids, attention_mask=mask)
+    prefix = fastpeft.get_peft_model(gpt2(), fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    prefix.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
     base = fastpeft.quantize_model(llama(), fastpeft.NF4Config(blocksize=32))
     fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=4, target_modules=qv))(input_ids=ids, attention_mask=mask)
     mixed = fastpeft.get_peft_model(llama(), fastpeft.LoraConfig(r=4, target_modules=qv)).eval()

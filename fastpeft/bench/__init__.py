@@ -66,12 +66,13 @@ def run(
     if device == "cpu":
         torch.set_num_threads(threads or 1)
     try:
+        causal = model is None or getattr(model, "can_generate", lambda: False)()
         total = (layer.steps(quick, device) if "kernels" in sections else 0) + (
-            methods.steps(names, device, quick) if "methods" in sections else 0
+            methods.steps(names, device, quick, causal) if "methods" in sections else 0
         ) + (nf4.steps(quick, device) if "nf4" in sections else 0) + (
             multi.steps(quick) if "multi" in sections else 0
         ) + (
-            training.steps(names) if "training" in sections else 0
+            training.steps(names) if "training" in sections and causal else 0
         )
         bar = Progress(total, enabled=progress)
         result = {

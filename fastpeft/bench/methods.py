@@ -413,10 +413,11 @@ def _time_cuda_case(call, make, batch: int, quick: bool, row: Row) -> tuple:
     return stats
 
 
-def steps(names: list[str], device: str, quick: bool) -> int:
+def steps(names: list[str], device: str, quick: bool, causal: bool = True) -> int:
+    """Progress-bar steps: every case in every phase (a model that does not generate: prefill only)."""
     s = model_shape(device, quick)
     per_phase = 1 + sum(2 + METHODS[n].mergeable for n in names)
-    return per_phase * (1 + len(s.decode_batches))
+    return per_phase * (1 + (len(s.decode_batches) if causal else 0))
 
 
 def run(device: str, quick: bool, bar: Progress, names: list[str], base, targets: Targets = LLAMA) -> dict:

@@ -8,7 +8,8 @@ double quant), timed at decode and prefill M as:
   bnb       ``bitsandbytes.nn.Linear4bit`` holding the very same codes (loaded from the fastpeft
             layer's bnb-format state dict), in eval mode as a user runs it; "not installed"
             when bitsandbytes is missing, never a made-up number;
-  fastpeft  ``ops.nf4_linear(x, Wq)``: the fused dequant-matmul (split-K decode path for M <= 16);
+  fastpeft  ``ops.nf4_linear(x, Wq)``: the fused dequant-matmul (split-K decode path for M <= 16;
+            on the CPU kernels/nf4_cpu.py: a compiled GEMV at M = 1, L2-sized tiles, one GEMM);
   qlora     ``ops.nf4_linear(x, Wq, None, A, B, s)`` with r = 16: the QLoRA layer in one launch,
             also reported against fastpeft's bare NF4 kernel ("vs NF4 base").
 Every output is checked against an fp32 reference (x @ dequant(Wq)^T, + the LoRA term) before it
@@ -47,7 +48,8 @@ LABELS = {
 
 @dataclass(frozen=True)
 class NF4Shapes:
-    """Layers (out, in), each timed at each M in `ms`; LoRA rank r for the qlora row."""
+    """Layers (out, in), each timed at each M in `ms` (or in its own entry of `layer_ms`);
+    LoRA rank r for the qlora row."""
     layers: tuple[tuple[int, int], ...]
     ms: tuple[int, ...]
     r: int
@@ -55,6 +57,10 @@ class NF4Shapes:
     blocksize: int
     dtype: str
     budget_s: float  # CPU: seconds of timed samples per (impl, M), all impls sampled in turn
+    layer_ms: tuple[tuple[int, ...], ...] | None = None
+
+    def ms_of(self, i: int) -> tuple[int, ...]:
+        return self.ms if self.layer_ms is None else self.layer_ms[i]
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -63,13 +69,16 @@ class NF4Shapes:
 
 def shapes_for(device: str, quick: bool) -> NF4Shapes:
     """CUDA: Llama-3-8B's 4096x4096 (q/o_proj) and up_proj (out 14336, in 4096), bf16, decode M 1
-    and 16, prefill 2048. CPU: 1024 wide fp32 (bnb's CPU backend computes in fp32 too). --quick: tiny."""
+    and 16, prefill 2048. CPU: fp32 (bnb's CPU backend computes in fp32 too), 1024 wide at M 1, 16
+    and 256, and the 4096x4096 layer of issue 17's CPU goals at decode (M 1) and prefill (M 2048).
+    --quick: tiny."""
     if quick:
         return NF4Shapes(((128, 128),), (1, 16, 64), 16, 32.0, 64,
                          "bfloat16" if device == "cuda" else "float32", 0.02)
     if device == "cuda":
         return NF4Shapes(((4096, 4096), (14336, 4096)), (1, 16, 2048), 16, 32.0, 64, "bfloat16", 0.0)
-    return NF4Shapes(((1024, 1024),), (1, 16, 256), 16, 32.0, 64, "float32", 0.3)
+    return NF4Shapes(((1024, 1024), (4096, 4096)), (1, 16, 256), 16, 32.0, 64, "float32", 0.3,
+                     ((1, 16, 256), (1, 2048)))
 
 
 @dataclass
@@ -228,13 +237,14 @@ def _tolerance(impl: str, dtype: str) -> float:
 
 def steps(quick: bool, device: str) -> int:
     s = shapes_for(device, quick)
-    return len(s.layers) * (len(s.ms) * len(IMPLS) + (len(QUANT_IMPLS) if device == "cpu" else 0))
+    return sum(len(s.ms_of(i)) * len(IMPLS) + (len(QUANT_IMPLS) if device == "cpu" else 0)
+               for i in range(len(s.layers)))
 
 
 def _copies(layer: _NF4Layer, s: NF4Shapes, device: str) -> list[dict]:
     """Every impl on each rotated copy of the layer: enough copies that CUDA-graph replays read
     the 4-bit weight from HBM (timing.rotations); one on the CPU, where no row is graph-timed."""
-    if timing.GRAPH not in {timing.timing_mode(device, m) for m in s.ms}:
+    if timing.GRAPH not in {timing.timing_mode(device, m) for m in set().union(*map(s.ms_of, range(len(s.layers))))}:
         return [_impls(layer, s)]
     n = timing.rotations(layer.stored_bytes, timing.l2_bytes())
     return [_impls(one, s) for one in [layer] + [layer.clone() for _ in range(n - 1)]]
@@ -266,13 +276,13 @@ def _fill(row, st) -> None:
         row.wall_us = st[4] * 1e6
 
 
-def _run_layer(layer, s, device, quick, bar, name, copy_bw) -> list[Row]:
+def _run_layer(layer, s, device, quick, bar, name, copy_bw, ms) -> list[Row]:
     copies = _copies(layer, s, device)
     impls = copies[0]
     rows: list[Row] = []
     g = torch.Generator(device="cpu").manual_seed(1)
     elt = s.torch_dtype.itemsize
-    for m in s.ms:
+    for m in ms:
         x = torch.randn(m, layer.qweight.shape[1], generator=g).to(device=device, dtype=s.torch_dtype)
         refs = {lora: layer.reference(x, lora) for lora in (False, True)}
         here = {impl: Row(name, m, impl, label, status) for impl, (_, status, label) in impls.items()}
@@ -352,10 +362,10 @@ def run(device: str, quick: bool, bar: Progress) -> dict:
     rows: list[Row] = []
     quant: list[QuantRow] = []
     with torch.inference_mode():
-        for out_f, in_f in s.layers:
+        for i, (out_f, in_f) in enumerate(s.layers):
             name = f"{out_f}x{in_f}"
             layer = _NF4Layer(s, out_f, in_f, device)
-            rows += _run_layer(layer, s, device, quick, bar, name, copy_bw)
+            rows += _run_layer(layer, s, device, quick, bar, name, copy_bw, s.ms_of(i))
             if device == "cpu":
                 quant += _run_quantize(layer, s, bar, name)
             del layer

@@ -113,7 +113,7 @@ def _draw(ax, panel: Panel, colors: dict[str, str]) -> None:
         ax.set_ylim(floor, top * 6)  # headroom for the legend
     else:
         ax.set_ylim(0, top * 1.45)
-    rotate = len(panel.groups) > 6 or max((len(g) for g in panel.groups), default=0) > 12
+    rotate = len(panel.groups) > 6 or sum(len(g) for g in panel.groups) > 60
     ax.set_xticks(range(len(panel.groups)), panel.groups, fontsize=7, rotation=60 if rotate else 0,
                   ha="right" if rotate else "center")
     ax.set_ylabel(panel.ylabel + (", log scale" if log else ""), fontsize=8)

@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from fastpeft.kernels import reference
+from fastpeft.kernels import nf4_cpu, reference
 
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,9 +50,10 @@ def resolve_backend(x: Tensor, backend: str | None = None) -> str:
 def kernels(backend: str, family: str) -> ModuleType:
     """The module whose launchers run op `family` (``lora|nf4|multi_lora|adapter|optim``) on
     `backend`: ``fastpeft.kernels.<family>`` (imported, with triton, on first use) for
-    ``"triton"``, else `reference`, which holds a function of the same name for every launcher."""
+    ``"triton"``, else `reference`, which holds a function of the same name for every launcher
+    (for ``nf4``: `nf4_cpu`, the CPU twins of the NF4 launchers; reference stays the oracle)."""
     if backend != "triton":
-        return reference
+        return nf4_cpu if family == "nf4" else reference  # NF4 on the CPU: kernels/nf4_cpu.py
     if family == "lora":
         from fastpeft.kernels import lora as module
     elif family == "nf4":

@@ -78,12 +78,9 @@ def fused_fwd(backend, nf4_args, x2d, weight, bias, lora_A, lora_B, scaling, ran
         return kernels(backend, "lora").lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling,
                                                  rank_scale=rank_scale, col_scale=col_scale)
     packed, absmax, shape, blocksize, nested, code4 = nf4_args
-    if backend == "triton":
-        return kernels(backend, "nf4").nf4_linear_fwd(
-            x2d, packed, absmax, shape, blocksize, nested, bias, lora_A, lora_B, scaling, code4,
-            rank_scale=rank_scale, col_scale=col_scale)
-    return reference.nf4_linear_fwd(x2d, packed, absmax, shape, blocksize, nested, bias, lora_A,
-                                    lora_B, scaling, rank_scale=rank_scale, col_scale=col_scale)
+    return kernels(backend, "nf4").nf4_linear_fwd(
+        x2d, packed, absmax, shape, blocksize, nested, bias, lora_A, lora_B, scaling, code4,
+        rank_scale=rank_scale, col_scale=col_scale)
 
 
 def fused_bwd_dx(backend, nf4_args, dz, weight, lora_A, lora_B, scaling, rank_scale):
@@ -92,12 +89,9 @@ def fused_bwd_dx(backend, nf4_args, dz, weight, lora_A, lora_B, scaling, rank_sc
         return kernels(backend, "lora").lora_bwd_dx(dz, weight, lora_A, lora_B, scaling,
                                                     rank_scale=rank_scale)
     packed, absmax, shape, blocksize, nested, code4 = nf4_args
-    if backend == "triton":
-        return kernels(backend, "nf4").nf4_linear_bwd_dx(
-            dz, packed, absmax, shape, blocksize, nested, lora_A, lora_B, scaling, code4,
-            rank_scale=rank_scale)
-    return reference.nf4_linear_bwd_dx(dz, packed, absmax, shape, blocksize, nested, lora_A,
-                                       lora_B, scaling, rank_scale=rank_scale)
+    return kernels(backend, "nf4").nf4_linear_bwd_dx(
+        dz, packed, absmax, shape, blocksize, nested, lora_A, lora_B, scaling, code4,
+        rank_scale=rank_scale)
 
 
 def dropout_lora(base, x, lora_A, lora_B, scaling, dropout, rank_scale, col_scale):

@@ -18,24 +18,70 @@ from fastpeft.ops._backend import (check_dropout, check_float, check_like, check
                                    describe, kernels, needs_grad, resolve_backend)
 from fastpeft.ops.lora import LoraLinearFunction, dropout_lora, fused_fwd
 
-__all__ = ["nf4_quantize", "nf4_dequantize", "nf4_linear"]
+__all__ = ["NF4Quantized", "nf4_quantize", "nf4_dequantize", "nf4_linear"]
 
-def nf4_args(qweight) -> tuple:
-    """(packed, absmax, shape, blocksize, nested, code4) from an NF4 weight, nested = None or
-    (code8, nested_absmax, offset)."""
+_NF4_FIELDS = ("packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset", "shape",
+               "blocksize")
+
+
+class NF4Quantized(dict):
+    """What `nf4_quantize` returns: a dict of the six state tensors ("packed", "absmax",
+    "quant_map", "nested_absmax", "nested_quant_map", "offset"; the nested ones None without
+    double quant) that is also an NF4 weight: the same fields as attributes, plus `shape`,
+    `blocksize` and `dtype` (the quantized weight's), so `nf4_dequantize` and `nf4_linear` take it."""
+
+    def __init__(self, tensors: dict, shape: tuple[int, int], blocksize: int, dtype: torch.dtype):
+        super().__init__(tensors)
+        self.shape, self.blocksize, self.dtype = tuple(shape), blocksize, dtype
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def nf4_args(qweight, op: str = "nf4_linear") -> tuple:
+    """(packed, absmax, shape, blocksize, nested, code4) from an NF4 weight (an object with the
+    fields above, or a dict with them all as keys), nested = None or (code8, nested_absmax,
+    offset). The state's tensors are checked by the kernels; here only what ops itself reads."""
+    if hasattr(qweight, "packed") and not isinstance(qweight, Tensor):
+        try:
+            fields = {k: getattr(qweight, k) for k in _NF4_FIELDS}
+        except AttributeError as e:
+            raise ValueError(f"{op}: the NF4 weight {type(qweight).__name__} lacks its field {e}") from None
+    elif isinstance(qweight, dict):
+        missing = [k for k in _NF4_FIELDS if k not in qweight]
+        if missing:
+            raise ValueError(f"{op}: the NF4 weight dict lacks {missing} (keys {sorted(qweight)})")
+        fields = dict(qweight)
+    else:
+        raise TypeError(f"{op}: expected an NF4 weight (fastpeft.quant.nf4.NF4Weight, Linear4bit."
+                        f"nf4_weight() or what nf4_quantize returns), got {type(qweight).__name__}")
+    shape, blocksize = fields["shape"], fields["blocksize"]
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"{op}: the NF4 weight's shape must be (N, K), two non-negative ints, got {shape!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise ValueError(f"{op}: the NF4 weight's blocksize must be an int, got {blocksize!r}")
+    for name in ("packed", "absmax", "quant_map"):
+        if not isinstance(fields[name], Tensor):
+            raise TypeError(f"{op}: the NF4 weight's {name} must be a torch.Tensor, got "
+                            f"{type(fields[name]).__name__}")
     nested = None
-    if qweight.nested_absmax is not None:
-        nested = (qweight.nested_quant_map, qweight.nested_absmax, qweight.offset)
-    return (qweight.packed, qweight.absmax, tuple(qweight.shape), int(qweight.blocksize), nested,
-            qweight.quant_map)
+    if fields["nested_absmax"] is not None:
+        nested = (fields["nested_quant_map"], fields["nested_absmax"], fields["offset"])
+    return (fields["packed"], fields["absmax"], tuple(shape), blocksize, nested, fields["quant_map"])
 
 
-def nf4_quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = True) -> dict:
+def nf4_quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Quantized:
     """Quantize an [N, K] weight to NF4 exactly as bitsandbytes' CPU backend does.
 
     weight: [N, K] fp32|fp16|bf16 (any device); blocksize in 32..4096 (powers of two) ->
-    {"packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset"} (the nested
-    entries None without double quant). Runs the PyTorch reference on every backend: quantizing
+    an `NF4Quantized`: the dict {"packed", "absmax", "quant_map", "nested_absmax",
+    "nested_quant_map", "offset"} (the nested entries None without double quant) that also
+    carries `shape`, `blocksize` and `dtype` (the weight's), an NF4 weight for `nf4_dequantize`
+    and `nf4_linear`. Runs the PyTorch reference on every backend: quantizing
     happens once per weight, and a Triton quantizer has not been shown to pay yet.
     """
     if not isinstance(weight, Tensor) or weight.dim() != 2:
@@ -47,8 +93,9 @@ def nf4_quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
     if not torch.isfinite(weight).all():
         raise ValueError(f"nf4_quantize: weight {describe(weight)} has NaN or inf values")
     packed, absmax = reference.nf4_quantize(weight, blocksize)
-    out = {"packed": packed, "absmax": absmax, "quant_map": reference.nf4_code(weight.device),
-           "nested_absmax": None, "nested_quant_map": None, "offset": None}
+    out = NF4Quantized({"packed": packed, "absmax": absmax, "quant_map": reference.nf4_code(weight.device),
+                        "nested_absmax": None, "nested_quant_map": None, "offset": None},
+                       weight.shape, blocksize, weight.dtype)
     if double_quant:
         code8 = reference.dynamic_map(weight.device)
         out["absmax"], out["nested_absmax"], out["offset"] = reference.nf4_double_quantize(absmax, code8)
@@ -56,14 +103,19 @@ def nf4_quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
     return out
 
 
-def nf4_dequantize(qweight, dtype: torch.dtype = torch.float32, *, backend: str | None = None) -> Tensor:
-    """The [N, K] weight of an NF4 weight in `dtype`, bit-identical to bnb's `dequantize_4bit`."""
-    packed, absmax, shape, blocksize, nested, code4 = nf4_args(qweight)
-    if resolve_backend(packed, backend) == "torch":
-        return reference.nf4_dequantize(packed, absmax, shape, blocksize, dtype, nested)
-    return kernels("triton", "nf4").nf4_dequantize(packed, absmax, shape, blocksize, dtype, code4, nested)
+def nf4_dequantize(qweight, dtype: torch.dtype | None = None, *, backend: str | None = None) -> Tensor:
+    """The [N, K] weight of an NF4 weight in `dtype`, bit-identical to bnb's `dequantize_4bit`.
 
-
+    qweight: an NF4 weight (see the block comment above), e.g. the `NF4Quantized` that
+    `nf4_quantize` returns, so ``nf4_dequantize(nf4_quantize(w))`` is a tensor like `w` (its
+    shape, dtype and device) holding w's 4-bit approximation. dtype: the output dtype; None means
+    the dtype an `NF4Quantized` records, else float32 (an NF4Weight does not record one).
+    """
+    packed, absmax, shape, blocksize, nested, code4 = nf4_args(qweight, "nf4_dequantize")
+    if dtype is None:
+        dtype = qweight.dtype if isinstance(qweight, NF4Quantized) else torch.float32
+    return kernels(resolve_backend(packed, backend), "nf4").nf4_dequantize(
+        packed, absmax, shape, blocksize, dtype, code4, nested)
 
 
 def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | None = None,

@@ -9,13 +9,21 @@ segments), built once per batch and shared by every layer of that forward.
   `MixedBatch`   the rows' adapter ids of one ``adapter_names=`` call; hands each layer the
                  `TokenGroups` for its input's (tokens per row, device), built by the first layer.
 
+Which batch a layer runs belongs to the CALL, never to the model: `activate` binds a batch (and
+each layer's bank as the batch synced it) to the layers in a context variable, so threads (and
+asyncio tasks) running mixed batches on one model at once each see only their own, and
+`batch_for(layer)` reads it back (None outside a mixed call).
+
 The model-level side (each layer's `AdapterBank`, model-wide adapter ids, PEFT's checks) is
 `fastpeft.multi`; the op that reads both is `fastpeft.ops.multi_lora_linear`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import math
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -89,3 +97,29 @@ class MixedBatch:
             groups = self._groups[key] = TokenGroups(self.row_ids, key[0], key[1])
         return groups
 
+
+
+# {id(layer): (batch, bank)} of the mixed calls running in this thread / task (None: none)
+_ACTIVE: contextvars.ContextVar[dict[int, tuple[MixedBatch, Any]] | None] = contextvars.ContextVar(
+    "fastpeft_mixed_batches", default=None)
+
+
+def batch_for(layer: object) -> tuple[MixedBatch, Any] | None:
+    """(batch, bank) that the calling thread's mixed call bound to `layer`, or None."""
+    active = _ACTIVE.get()
+    return None if active is None else active.get(id(layer))
+
+
+@contextlib.contextmanager
+def activate(batch: MixedBatch, banks: Iterable[tuple[object, Any]]) -> Iterator[MixedBatch]:
+    """Bind `batch` and each layer's bank ([(layer, bank)]) for the block, in this context only
+    (another thread's forward on the same layers sees its own binding or none). Nests: an inner
+    call over other layers keeps the outer bindings."""
+    outer = _ACTIVE.get()
+    bound = dict(outer) if outer else {}
+    bound.update((id(layer), (batch, bank)) for layer, bank in banks)
+    token = _ACTIVE.set(bound)
+    try:
+        yield batch
+    finally:
+        _ACTIVE.reset(token)

@@ -11,8 +11,10 @@ kernel launch per layer. The per-batch metadata (`TokenGroups`, `MixedBatch`) is
                   doubling, offsets unchanged).
   `AdapterIds`    model-wide adapter ids, stable while an adapter lives.
   `mixed_batch`   the context manager behind ``PeftModel.forward/generate(adapter_names=...)``:
-                  PEFT's checks and errors, beam-search expansion of the names, bank refresh,
-                  and the batch's `MixedBatch` handed to every `LoraLinear`.
+                  PEFT's checks and errors, beam-search expansion of the names, bank refresh
+                  (under the model's lock), and the batch's `MixedBatch` with each layer's bank
+                  bound to the layers for this call only (`fastpeft.batching.activate`): threads
+                  running mixed batches on one model at once never see each other's.
 
 Banks are copies of the adapters' parameters, refreshed when a parameter's storage or version
 counter changes (load_state_dict, an optimizer step and merges all bump it), so they never go
@@ -23,13 +25,14 @@ in PEFT (which refuses them in training mode); here the forward also runs withou
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from fastpeft.batching import MixedBatch, TokenGroups
+from fastpeft.batching import MixedBatch, TokenGroups, activate
 from fastpeft.methods.base import ModulesToSaveWrapper
 from fastpeft.methods.lora import LoraLinear, LoraModel, NF4LoraLinear
 
@@ -282,13 +285,15 @@ def mixed_batch(peft_model: nn.Module, adapter_names: Any, num_beams: Any = None
     if isinstance(num_beams, int) and num_beams > 1:
         names = [n for n in names for _ in range(num_beams)]
     layers = walk[0]
-    ids = sync_banks(peft_model, layers, set(names) - {BASE})
+    with _sync_lock(peft_model):  # bank changes one at a time; a running forward reads its own banks
+        ids = sync_banks(peft_model, layers, set(names) - {BASE})
+        banks = [(layer, layer.__dict__["multi_bank"]) for layer in layers]
     batch = MixedBatch(names, [-1 if n == BASE else ids[n] for n in names])
-    for layer in layers:  # a plain attribute: skips nn.Module.__setattr__'s checks on every call
-        layer.__dict__["mixed_batch"] = batch
-    try:
-        with torch.no_grad():
-            yield batch
-    finally:
-        for layer in layers:
-            layer.__dict__["mixed_batch"] = None
+    with activate(batch, banks), torch.no_grad():
+        yield batch
+
+
+def _sync_lock(peft_model: nn.Module) -> threading.RLock:
+    """The model's bank lock (one per tuner, made on first use; dict.setdefault is atomic)."""
+    state = peft_model.base_model.__dict__
+    return state.get("_multi_lock") or state.setdefault("_multi_lock", threading.RLock())

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from fastpeft import inject, ops, registry
+from fastpeft import batching, inject, ops, registry
 from fastpeft.config import PeftConfig
 from fastpeft.methods import dora
 from fastpeft.methods.base import AdapterLayer, BaseTuner
@@ -112,9 +112,12 @@ class LoraLinear(AdapterLayer):
     # empty, and out of every state dict, for plain LoRA adapters.
     adapter_layer_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", dora.LAYER_NAME)
     other_param_names: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "scaling", "lora_dropout")
-    # Set by fastpeft.multi.mixed_batch for the length of a `adapter_names=` call: the rows'
-    # adapters; forward then runs every adapter of `multi_bank` (also set there) in one launch.
-    mixed_batch = None
+    @property
+    def mixed_batch(self):
+        """The `adapter_names=` call running this layer in the calling thread (bound by
+        fastpeft.multi.mixed_batch, per call, never stored on the layer), or None."""
+        bound = batching.batch_for(self)
+        return None if bound is None else bound[0]
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, key: str):
         super().__init__(base_layer)
@@ -202,9 +205,10 @@ class LoraLinear(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters and self.merged:
             self.unmerge()
-        if self.mixed_batch is not None and not self.disable_adapters:
-            return ops.multi_lora_linear(x, self.base_weight(), self.base_layer.bias, self.multi_bank,
-                                         self.mixed_batch.groups_for(x))
+        bound = batching.batch_for(self)  # this call's (batch, bank), or None
+        if bound is not None and not self.disable_adapters:
+            return ops.multi_lora_linear(x, self.base_weight(), self.base_layer.bias, bound[1],
+                                         bound[0].groups_for(x))
         name = self.active_adapter
         if self.disable_adapters or self.merged or name is None:
             return self.base_layer(x, *args, **kwargs)
@@ -343,10 +347,10 @@ class NF4LoraLinear(LoraLinear):
             self.unmerge()
         base = self.base_layer
         dtype = base.compute_dtype
-        if self.mixed_batch is not None and not self.disable_adapters:  # every adapter over the 4-bit base
+        bound = batching.batch_for(self)  # this call's (batch, bank), or None
+        if bound is not None and not self.disable_adapters:  # every adapter over the 4-bit base
             bias = None if base.bias is None else base.bias.to(dtype)
-            y = ops.multi_lora_linear(x.to(dtype), base.nf4_weight(), bias, self.multi_bank,
-                                      self.mixed_batch.groups_for(x))
+            y = ops.multi_lora_linear(x.to(dtype), base.nf4_weight(), bias, bound[1], bound[0].groups_for(x))
             return y.to(x.dtype)
         name = self.active_adapter
         if self.disable_adapters or self.merged or name is None:

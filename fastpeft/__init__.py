@@ -25,6 +25,17 @@ from fastpeft.model import (
 )
 from fastpeft.prompting import get_prompt_model as _get_prompt_model  # noqa: F401  registers the prompt family
 from fastpeft.quant.nf4 import Linear4bit, NF4Config, quantize_model
+from fastpeft.compat_alias import install_as_peft
+from fastpeft.utils import (
+    PeftType,
+    PeftWarning,
+    TaskType,
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 try:  # the installed distribution's version: one source, pyproject.toml
     __version__ = _metadata.version("fastpeft")
@@ -52,6 +63,8 @@ __all__ = [
     "PeftModelForFeatureExtraction",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftType",
+    "PeftWarning",
     "PrefixEncoder",
     "PrefixTuningConfig",
     "PromptEmbedding",
@@ -61,8 +74,15 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "TaskType",
     "UniPELTConfig",
     "UniPELTModel",
+    "get_base_model_state_dict",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "install_as_peft",
     "quantize_model",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
 ]

@@ -5,16 +5,24 @@ are the model's keys under `base_model.model.`, with the adapter name taken out:
 `base_model.model.<path>.lora_A.weight` for `<path>.lora_A.<adapter>.weight`, and
 `base_model.model.<path>.weight` for a modules_to_save copy `<path>.modules_to_save.<adapter>.weight`.
 Loading checks every key and shape before anything is copied, so a bad checkpoint changes nothing.
+Saving is atomic per call: every file is first written under a temporary name in its target
+directory, then all are moved into place with `os.replace` (weights first, configs last); if any
+step fails, the files that were there before are put back and the temporaries removed.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastpeft import validation
+from fastpeft.config import CONFIG_NAME
+from fastpeft.errors import CheckpointError, CheckpointNotFoundError
 from fastpeft.methods.base import BaseTuner
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,21 +50,136 @@ def adapter_state_dict(tuner: BaseTuner, adapter_name: str) -> dict[str, torch.T
     return {PREFIX + k: v for k, v in out.items()}
 
 
+def to_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies, as safetensors writes them."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+
+
 def save_adapter(directory: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
-    os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    """Write one `adapter_model.safetensors` atomically (the config is the caller's)."""
+    save_checkpoints([(os.fspath(directory), to_cpu(state_dict), None)])
+
+
+def save_checkpoints(items: list[tuple[str, dict[str, torch.Tensor], str | None]]) -> None:
+    """Write `(directory, tensors, adapter_config.json text or None)` items all or nothing."""
+    staged: list[tuple[str, str]] = []  # (temporary, final)
+    made: list[str] = []  # directories this call created
+    try:
+        for directory, _, _ in items:
+            _makedirs(directory, made)
+        for directory, tensors, _ in items:
+            staged.append(_stage(directory, WEIGHTS_NAME,
+                                 lambda path, t=tensors: save_file(t, path, metadata={"format": "pt"})))
+        for directory, _, text in items:
+            if text is not None:
+                staged.append(_stage(directory, CONFIG_NAME, lambda path, t=text: _write_text(path, t)))
+        _commit(staged)
+    except BaseException:
+        for tmp, _ in staged:
+            _remove(tmp)
+        for directory in reversed(made):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+        raise
+
+
+def _makedirs(directory: str, made: list[str]) -> None:
+    missing = []
+    path = os.path.abspath(directory)
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(missing):
+        os.mkdir(path)
+        made.append(path)
+
+
+def _stage(directory: str, name: str, write) -> tuple[str, str]:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp, os.path.join(directory, name)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _commit(staged: list[tuple[str, str]]) -> None:
+    """Move every staged file into place; on a failure put the previous files back."""
+    backups: list[tuple[str, str | None]] = []  # (final, backup of what was there, or None)
+    try:
+        for tmp, final in staged:
+            backup = None
+            if os.path.exists(final):
+                fd, backup = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.", suffix=".bak",
+                                              dir=os.path.dirname(final))
+                os.close(fd)
+                _link_or_copy(final, backup)
+            backups.append((final, backup))
+            os.replace(tmp, final)
+    except BaseException:
+        for final, backup in reversed(backups):
+            try:
+                if backup is not None:
+                    os.replace(backup, final)  # a no-op when both still name one file (a hard link)
+                    _remove(backup)
+                else:
+                    _remove(final)
+            except OSError:  # keep restoring the others; the backup stays for a person to find
+                pass
+        raise
+    for _, backup in backups:
+        if backup is not None:
+            _remove(backup)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """`dst` becomes a second name of (or a copy of) `src`, which stays in place."""
+    os.remove(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copy2(src, dst)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def read_adapter(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint directory (safetensors, or PEFT's older `adapter_model.bin`)."""
     path = os.path.join(directory, WEIGHTS_NAME)
     if os.path.isfile(path):
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path!r} is not a readable safetensors file: {e}") from e
     legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {os.fspath(directory)!r}")
+        try:
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{legacy!r} is not a readable torch checkpoint: {e}") from e
+        return validation.check_state_dict(state, repr(legacy))
+    raise CheckpointNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {os.fspath(directory)!r}")
 
 
 def prompt_state_dict(prompt_embeddings: torch.Tensor, saved_modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -72,23 +195,10 @@ def prompt_state_dict(prompt_embeddings: torch.Tensor, saved_modules: dict[str, 
 def check_fits(
     state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str, prefix: str = PREFIX
 ) -> None:
-    """Raise ValueError unless `state_dict` has exactly the `expected` keys (under `prefix`) and shapes."""
-    missing = sorted(k for k in expected if prefix + k not in state_dict)
-    unexpected = sorted(k for k in state_dict if not k.startswith(prefix) or k[len(prefix) :] not in expected)
-    wrong = [
-        f"{prefix}{k}: checkpoint {tuple(state_dict[prefix + k].shape)} vs model {shape}"
-        for k, shape in expected.items()
-        if prefix + k in state_dict and tuple(state_dict[prefix + k].shape) != tuple(shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_preview([prefix + k for k in missing])}")
-    if unexpected:
-        problems.append(f"unexpected keys {_preview(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatches {_preview(wrong)}")
-    if problems:
-        raise ValueError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
+    """Raise CheckpointError (a ValueError) unless `state_dict` has exactly the `expected` keys
+    (under `prefix`) and shapes; floating-point tensors only (adapter weights)."""
+    validation.check_adapter_tensors(state_dict, source)
+    validation.check_fits(state_dict, expected, source, prefix)
 
 
 def load_into(tuner: BaseTuner, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -110,6 +220,3 @@ def load_into(tuner: BaseTuner, adapter_name: str, state_dict: dict[str, torch.T
                 params[key].copy_(state_dict[PREFIX + key])
 
 
-def _preview(items: list[str], n: int = 5) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more

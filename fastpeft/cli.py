@@ -1,4 +1,5 @@
-"""The `fastpeft` command: `fastpeft info` and `fastpeft bench` (also `python -m fastpeft`).
+"""The `fastpeft` command: `fastpeft info`, `fastpeft bench` and `fastpeft check-kernels` (also
+`python -m fastpeft`).
 
 `main(argv)` returns the exit status instead of exiting, so tests call it in-process:
 0 on success, 2 for bad input (unknown option, unusable --device or --out), found before any
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="fastpeft: fused Triton kernels for PEFT. Inspect this machine or measure "
                     "the LoRA inference latency penalty on it.")
     p.add_argument("--version", action="version", version=f"fastpeft {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench,check-kernels}")
     sub.add_parser("info", help="device, the backend fastpeft.ops picks, package versions")
     b = sub.add_parser(
         "bench", help="the inference latency penalty of PEFT methods on this device",
@@ -50,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module names the LoRA-family methods adapt (e.g. query,value for BERT; "
                         "default: every linear layer of the generated Llama, on --model the "
                         "libraries' default for its model type)")
+    c = sub.add_parser(
+        "check-kernels", help="compile every kernel for H100/A100 without a GPU and check it",
+        description="Drive every launcher's GPU path through fastpeft.ops without a GPU, compile each "
+                    "launch with Triton for sm_90a and sm_80, read registers, spills, shared memory, "
+                    "tensor-core instructions, load widths and grids, print one table and exit 1 if "
+                    "any pass criterion fails (fastpeft/check/criteria.py), 2 if it cannot run.")
+    from fastpeft.check import add_arguments
+
+    add_arguments(c)
     return p
 
 
@@ -130,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     if args.command == "bench":
         return _bench(args)
+    if args.command == "check-kernels":
+        from fastpeft.check import run_cli
+
+        return run_cli(args)
     parser.print_help(sys.stderr)
     return 2
 

@@ -15,7 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from fastpeft import registry
+from fastpeft import registry, validation
+from fastpeft.errors import CheckpointError, CheckpointNotFoundError, ConfigError, ConfigTypeError, FastPeftError
+from fastpeft.peft_types import PeftType
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -36,9 +38,38 @@ class PeftConfig:
     revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
     inference_mode: bool = field(default=False, metadata={"help": "Load frozen, for inference only."})
 
+    def __post_init__(self):
+        validation.check_fields(self, type(self).__name__)
+
+    def __init_subclass__(cls, **kwargs: Any):
+        """Every config checks its fields' types before its own value rules run (a str where a
+        number belongs raises ConfigTypeError naming the field, not a TypeError from a compare)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_fields", False):
+            def __post_init__(self, _own=own):
+                name = type(self).__name__
+                validation.check_fields(self, name, literals=False)  # types first: no raw TypeError
+                try:
+                    _own(self)  # the class's own rules, with their own messages
+                except FastPeftError:
+                    raise
+                except TypeError as e:
+                    raise ConfigTypeError(f"{name}: {e}") from e
+                except ValueError as e:
+                    raise ConfigError(str(e)) from e
+                if type(self).__post_init__ is wrapper:  # outermost (a subclass's rules may call super's)
+                    validation.check_fields(self, name)  # then what the class's rules left unchecked
+
+            wrapper = __post_init__
+            __post_init__._checks_fields = True
+            __post_init__.__doc__ = own.__doc__
+            cls.__post_init__ = __post_init__
+
     @property
-    def peft_type(self) -> str:
-        return self.PEFT_TYPE
+    def peft_type(self) -> PeftType | str:
+        """PEFT's `PeftType` member (a str-enum: it equals the plain string)."""
+        return PeftType(self.PEFT_TYPE) if self.PEFT_TYPE else self.PEFT_TYPE
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -46,7 +77,7 @@ class PeftConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        out["peft_type"] = self.peft_type
+        out["peft_type"] = self.PEFT_TYPE
         return dict(sorted(out.items()))
 
     @classmethod
@@ -58,9 +89,9 @@ class PeftConfig:
         target = method.config if method is not None else None
         if target is None:
             known = ", ".join(sorted(registry.methods())) or "none"
-            raise ValueError(f"unknown peft_type {peft_type!r}; fastpeft implements: {known}")
+            raise ConfigError(f"unknown peft_type {peft_type!r}; fastpeft implements: {known}")
         if cls is not PeftConfig and not issubclass(target, cls):
-            raise ValueError(f"peft_type {peft_type!r} is not a {cls.__name__}")
+            raise ConfigError(f"peft_type {peft_type!r} is not a {cls.__name__}")
         names = {f.name for f in dataclasses.fields(target)}
         kwargs, refused, unknown = {}, [], []
         for key, value in data.items():
@@ -79,20 +110,56 @@ class PeftConfig:
             warnings.warn(f"{target.__name__}: ignoring unknown config fields {sorted(unknown)}", stacklevel=2)
         return target(**kwargs)
 
+    def to_json_string(self, argument: str = "config", **extra: Any) -> str:
+        """adapter_config.json's text; numpy scalars become numbers, anything else JSON cannot
+        hold raises ConfigTypeError naming the field (before any file is touched)."""
+        data = {**self.to_dict(), **extra}
+        for key, value in data.items():
+            try:
+                json.dumps(value, default=_json_default)
+            except (TypeError, ValueError) as e:
+                raise ConfigTypeError(f"{argument}.{key}={value!r}: not JSON-serializable ({e})") from e
+        return json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+
     def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
-        """Write adapter_config.json; `extra` adds PEFT's bookkeeping keys (e.g. auto_mapping)."""
+        """Write adapter_config.json; `extra` adds PEFT's bookkeeping keys (e.g. auto_mapping).
+        Written to a temporary file beside it, then moved into place (never half a file)."""
+        text = self.to_json_string(**extra)
         os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump({**self.to_dict(), **extra}, f, indent=2, sort_keys=True)
-            f.write("\n")
+        path = os.path.join(save_directory, CONFIG_NAME)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object of a config file, as a dict (PEFT's classmethod; `from_dict` builds the config)."""
+        with open(path_json_file) as f:
+            data = json.load(f)
+        if "runtime_config" in data:
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored.", stacklevel=2)
+            del data["runtime_config"]
+        return data
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
         path = os.path.join(directory, subfolder or "", CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.path.dirname(path)!r} (fastpeft loads local directories)")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+            raise CheckpointNotFoundError(
+                f"no {CONFIG_NAME} in {os.path.dirname(path)!r} (fastpeft loads local directories)")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path!r} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path!r}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
 
 
 @dataclass
@@ -119,6 +186,13 @@ class PromptLearningConfig(PeftConfig):
     @property
     def is_prompt_learning(self) -> bool:
         return True
+
+
+def _json_default(value: Any) -> Any:
+    """json.dumps' fallback: numpy scalars and arrays as Python numbers and lists."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _jsonable(value: Any) -> Any:

@@ -17,6 +17,8 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from fastpeft.errors import ConfigError
+
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
@@ -126,8 +128,9 @@ def find_targets(model: nn.Module, config: Any, skip: tuple[type, ...] = ()) -> 
     names = [name for name, _ in walk(model, skip) if name]
     keys = [name for name in names if is_target(config, name)]
     if not keys:
+        _check_layers_to_transform(config, names)
         candidates = sorted({name.rsplit(".", 1)[-1] for name, m in walk(model, skip) if is_linear(m)})
-        raise ValueError(
+        raise ConfigError(
             f"Target modules {_show(config.target_modules)} not found in the base model. "
             f"Linear layers it has: {candidates}"
         )
@@ -136,6 +139,22 @@ def find_targets(model: nn.Module, config: Any, skip: tuple[type, ...] = ()) -> 
         if unmatched:
             warnings.warn(f"target_modules {sorted(unmatched)} matched no module (PEFT ignores them too)", stacklevel=3)
     return keys
+
+
+def _check_layers_to_transform(config: Any, names: list[str]) -> None:
+    """When only `layers_to_transform` keeps every target out, say so, with the layer count."""
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is None or isinstance(config.target_modules, str) or (isinstance(layers, list) and not layers):
+        return
+    matched = [n for n in names if _matches(config.target_modules, n)]
+    indices = {i for i in (_layer_index(n, getattr(config, "layers_pattern", None)) for n in matched) if i is not None}
+    if matched:
+        count = max(indices) + 1 if indices else 0
+        raise ConfigError(
+            f"layers_to_transform={layers!r} selects none of the target modules {_show(config.target_modules)}: "
+            f"the model has {count} layers (indices 0..{count - 1})"
+            + ("" if indices else f"; no numbered layer found (layers_pattern={config.layers_pattern!r})")
+        )
 
 
 def pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:

@@ -11,14 +11,20 @@ import copy
 import functools
 import inspect
 import os
+import tempfile
 from typing import Any
 
+from huggingface_hub import HfApi
 from torch import nn
 
-from fastpeft import checkpoint, multi, registry
+from fastpeft import checkpoint, multi, registry, validation
 from fastpeft.config import PeftConfig
-from fastpeft.methods.base import BaseTuner
+from fastpeft.errors import ConfigError, InputTypeError
+from fastpeft.methods.base import AdapterLayer, BaseTuner, Wrapper
 from fastpeft.quant.nf4 import Linear4bit
+from fastpeft.transaction import transaction
+from fastpeft.utils.model_card import write_model_card
+from fastpeft.utils.save_and_load import IncompatibleKeys
 
 SEQ_CLS_HEADS = ["classifier", "score"]
 # Keyword arguments of PEFT's methods that change nothing here (device placement, memory tricks,
@@ -32,15 +38,20 @@ PEFT_NOOP_KWARGS = frozenset(
 def _accept_noop(where: str, kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(kwargs) - PEFT_NOOP_KWARGS)
     if unknown:
-        raise TypeError(f"{where}: unsupported keyword arguments {unknown}")
+        raise InputTypeError(f"{where}: unsupported keyword arguments {unknown}")
 
 
 def _tuner_class(config: PeftConfig) -> type[BaseTuner]:
-    return registry.tuner(config)
+    try:
+        return registry.tuner(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
-class PeftModel(nn.Module):
+class PeftModel(Wrapper):
     """A model with named adapters injected; forward and generate go straight to the model."""
+
+    INNER = "base_model"  # unknown attributes are the tuner's (and so the model's)
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
@@ -56,34 +67,34 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        return [] if self.active_adapter is None else [self.active_adapter]  # PEFT: [] once all are deleted
 
     @property
     def active_peft_config(self) -> PeftConfig:
+        if self.active_adapter is None:
+            raise validation.AdapterNotFoundError("the model holds no adapter (all were deleted): add one first")
         return self.peft_config[self.active_adapter]
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Inject a new adapter; the first one becomes active, later ones do not (PEFT's rule)."""
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter names are non-empty strings without '.', got {adapter_name!r}")
-        if self.peft_config and _tuner_class(peft_config) is not type(self.base_model):
-            raise ValueError(
-                f"cannot add a {peft_config.peft_type} adapter to a model holding "
-                f"{next(iter(self.peft_config.values())).peft_type} adapters"
+        """Inject a new adapter; the first one becomes active, later ones do not (PEFT's rule).
+        The name and the whole config are checked first; if injection still fails, the model (and
+        the config) are restored as they were."""
+        validation.check_new_adapter_name(adapter_name, self.peft_config)
+        validation.check_config(peft_config)
+        if _tuner_class(peft_config) is not type(self.base_model):
+            held = next(iter(self.peft_config.values()), None)
+            raise ConfigError(
+                f"peft_config: cannot add a {peft_config.peft_type} adapter to a model holding "
+                f"{held.peft_type if held else type(self.base_model).__name__} adapters"
             )
-        if peft_config.task_type == "SEQ_CLS" and hasattr(peft_config, "modules_to_save"):
-            heads = [n for n in SEQ_CLS_HEADS if hasattr(self.base_model.model, n)]
-            peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(heads)) or None
-        if peft_config.base_model_name_or_path is None:
-            peft_config.base_model_name_or_path = getattr(self.base_model.model, "name_or_path", None) or None
-        self.peft_config[adapter_name] = peft_config
-        try:
+        with transaction(self, dicts=[self.peft_config], objects=[peft_config]):
+            if peft_config.task_type == "SEQ_CLS" and hasattr(peft_config, "modules_to_save"):
+                heads = [n for n in SEQ_CLS_HEADS if hasattr(self.base_model.model, n)]
+                peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(heads)) or None
+            if peft_config.base_model_name_or_path is None:
+                peft_config.base_model_name_or_path = getattr(self.base_model.model, "name_or_path", None) or None
+            self.peft_config[adapter_name] = peft_config
             self.base_model.inject_adapter(adapter_name)
-        except Exception:
-            del self.peft_config[adapter_name]
-            raise
 
     def set_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
@@ -91,13 +102,11 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
-        self.base_model.delete_adapter(adapter_name)
+        with transaction(self, dicts=[self.peft_config]):
+            self.base_model.delete_adapter(adapter_name)
 
     def _check_known(self, adapter_name: str) -> None:
-        if not isinstance(adapter_name, str):
-            raise TypeError(f"one adapter name (a str) is active at a time, got {adapter_name!r}")
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} not found; adapters: {sorted(self.peft_config)}")
+        validation.check_known_adapter(adapter_name, self.peft_config)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -110,14 +119,30 @@ class PeftModel(nn.Module):
 
     # -- merging -------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self.base_model.merge_adapter(adapter_names, safe_merge)
+        """Fold adapters into the weights, all layers or none (`safe_merge`: refuse NaN/inf)."""
+        self._check_merge(adapter_names, safe_merge)
+        with self._merge_transaction():
+            self.base_model.merge_adapter(adapter_names, safe_merge)
+
+    def _check_merge(self, adapter_names: Any, safe_merge: Any) -> None:
+        validation.check_bool(safe_merge, "safe_merge")
+        if adapter_names is not None:
+            validation.check_adapter_list(adapter_names, self.peft_config)
+
+    def _merge_transaction(self):
+        """A merge writes base weights in place layer by layer: keep them to undo a failed one."""
+        values = [t for m in self.modules() if isinstance(m, AdapterLayer)
+                  for t in [*m.base_layer.parameters(), *m.base_layer.buffers()]]
+        return transaction(self, dicts=[self.peft_config], values=values)
 
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         """Fold the active adapter (or `adapter_names`) into the weights and return the plain model."""
-        return self.base_model.unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        self._check_merge(adapter_names, safe_merge)
+        with self._merge_transaction():
+            return self.base_model.unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
         """Return the plain model, adapters dropped (not merged)."""
@@ -128,6 +153,7 @@ class PeftModel(nn.Module):
         """`adapter_names` (LoRA, eval mode): row i runs adapter `adapter_names[i]` ("__base__":
         none), all adapters in one launch per layer (fastpeft/multi.py); without autograd."""
         if adapter_names is not None:
+            validation.check_mixed_names(adapter_names, self.peft_config, self.training, _batch_size(args, kwargs))
             with multi.mixed_batch(self, adapter_names):
                 return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
@@ -135,6 +161,7 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         """transformers' generate; `adapter_names` as in forward, repeated num_beams times (PEFT)."""
         if adapter_names is not None:
+            validation.check_mixed_names(adapter_names, self.peft_config, self.training, _batch_size(args, kwargs))
             with multi.mixed_batch(self, adapter_names, num_beams=kwargs.get("num_beams")):
                 return self.base_model.model.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
@@ -142,21 +169,15 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
     # -- parameters ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameters. A 4-bit base weight is a uint8 buffer here, not a
-        parameter; it counts as its two weights per byte, as PEFT counts bnb's Params4bit."""
+        """(trainable, all) parameters. A 4-bit base weight's frozen uint8 storage counts as its
+        packed bytes times two, as PEFT counts bnb's Params4bit; its absmax bytes do not count."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        packed = sum(m.weight.numel() * 2 for m in self.modules() if isinstance(m, Linear4bit))
-        return trainable, sum(p.numel() for p in self.parameters()) + packed
+        nf4 = [m for m in self.modules() if isinstance(m, Linear4bit)]
+        storage = {id(p) for m in nf4 for p in (m.weight, m.weight_absmax, m.weight_nested_absmax) if p is not None}
+        dense = sum(p.numel() for p in self.parameters() if id(p) not in storage)
+        return trainable, dense + sum(m.nbytes_packed * 2 for m in nf4)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -168,17 +189,30 @@ class PeftModel(nn.Module):
     ) -> None:
         """PEFT's layout: "default" in `save_directory`, any other adapter in a subfolder of its name."""
         _accept_noop("save_pretrained", kwargs)
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")
+        save_directory = validation.check_directory(save_directory, "save_directory")
         names = list(self.peft_config) if selected_adapters is None else selected_adapters
+        names = validation.check_adapter_list(names, self.peft_config, "selected_adapters")
+        items = []  # everything is built (and the configs serialized) before the first write
         for name in names:
-            self._check_known(name)
-        for name in names:
+            validation.check_adapter_name(name, "selected_adapters")
             out = save_directory if name == "default" else os.path.join(save_directory, name)
-            checkpoint.save_adapter(out, self._adapter_state_dict(name))
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
-            config.save_pretrained(out, **self._auto_mapping(config))
+            text = config.to_json_string(argument=f"peft_config[{name!r}]", **self._auto_mapping(config))
+            items.append((out, checkpoint.to_cpu(self._adapter_state_dict(name)), text))
+        checkpoint.save_checkpoints(items)
+        for (out, _, _), name in zip(items, names):  # PEFT's model card, beside each adapter
+            write_model_card(out, self.peft_config[name].base_model_name_or_path, self.peft_config[name].PEFT_TYPE)
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload model", private: bool | None = None,
+                    token: str | None = None, **kwargs: Any):
+        """Save the adapters to a temporary folder and upload it to the hub repo `repo_id` (created
+        if missing), as PEFT's push_to_hub does through transformers."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
 
     def _adapter_state_dict(self, adapter_name: str) -> dict[str, Any]:
         """One adapter's tensors under PEFT's checkpoint keys (the prompt-learning model overrides it)."""
@@ -204,35 +238,77 @@ class PeftModel(nn.Module):
     ) -> PeftModel:
         """Load a PEFT-format directory onto `model`; on any mismatch raise with `model` untouched."""
         _accept_noop("from_pretrained", kwargs)
-        directory = os.path.join(model_id, subfolder or "")
-        config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
+        if not isinstance(model, nn.Module):
+            raise InputTypeError(f"model={type(model).__name__}: expected a torch.nn.Module")
+        validation.check_adapter_name(adapter_name)
+        validation.check_bool(is_trainable, "is_trainable")
+        if subfolder is not None and not isinstance(subfolder, str):
+            raise InputTypeError(f"subfolder={subfolder!r}: expected a str or None")
+        directory = os.path.join(validation.check_directory(model_id, "model_id"), subfolder or "")
+        if config is not None:
+            config = copy.deepcopy(validation.check_config(config, "config"))
+        else:
+            config = PeftConfig.from_pretrained(directory)
+        validation.check_config(config, f"config of {os.fspath(directory)!r}")
         load = registry.family(config).load  # prompt learning: PEFT's other layout (fastpeft/prompting.py)
         if load is not None:
-            return load(model, directory, config, adapter_name, is_trainable)
+            with transaction(model):
+                return load(model, directory, config, adapter_name, is_trainable)
         config.inference_mode = not is_trainable
         state = checkpoint.read_adapter(directory)
+        source = repr(os.fspath(directory))
+        validation.check_adapter_tensors(state, source)
         planner = _tuner_class(config)(model, {})
-        checkpoint.check_fits(state, planner.expected_state_shapes(adapter_name, config), repr(os.fspath(directory)))
-        peft_model = cls(model, config, adapter_name)
-        checkpoint.load_into(peft_model.base_model, adapter_name, state)
-        if not is_trainable:
-            peft_model.eval()
+        validation.check_fits(state, planner.expected_state_shapes(adapter_name, config), source, checkpoint.PREFIX)
+        with transaction(model, objects=[config]):
+            peft_model = cls(model, config, adapter_name)
+            checkpoint.load_into(peft_model.base_model, adapter_name, state)
+            if not is_trainable:
+                peft_model.eval()
         return peft_model
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
-    ) -> None:
+    ) -> IncompatibleKeys:
         """Add the adapter stored in `model_id` as `adapter_name` (not activated, as in PEFT)."""
         _accept_noop("load_adapter", kwargs)
-        config = PeftConfig.from_pretrained(model_id)
+        validation.check_new_adapter_name(adapter_name, self.peft_config)
+        validation.check_bool(is_trainable, "is_trainable")
+        model_id = validation.check_directory(model_id, "model_id")
+        config = validation.check_config(PeftConfig.from_pretrained(model_id), f"config of {model_id!r}")
+        validation.check_peft_type(config, self.peft_config.values(), f"load_adapter({model_id!r})")
         config.inference_mode = not is_trainable
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
         state = checkpoint.read_adapter(model_id)
-        expected = self.base_model.expected_state_shapes(adapter_name, config)
-        checkpoint.check_fits(state, expected, repr(os.fspath(model_id)))
-        self.add_adapter(adapter_name, config)
-        checkpoint.load_into(self.base_model, adapter_name, state)
+        validation.check_adapter_tensors(state, repr(model_id))
+        expected = self.base_model.expected_state_shapes(adapter_name, copy.deepcopy(config))
+        validation.check_fits(state, expected, repr(model_id), checkpoint.PREFIX)
+        with transaction(self, dicts=[self.peft_config]):
+            self.add_adapter(adapter_name, config)
+            checkpoint.load_into(self.base_model, adapter_name, state)
+        # PEFT returns the adapter's missing/unexpected keys; check_fits refused any before loading
+        return IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict, checked first (keys when `strict`, shapes and dtype kinds
+        always) so a state dict that does not fit changes nothing; all or nothing."""
+        validation.check_state_dict(state_dict)
+        validation.check_bool(strict, "strict")
+        own = self.state_dict()
+        expected = {k: tuple(v.shape) for k, v in own.items()}
+        if strict:
+            validation.check_fits(state_dict, expected, "state_dict", "", {k: v.dtype for k, v in own.items()})
+        else:
+            known = {k: v for k, v in state_dict.items() if k in own}
+            validation.check_fits(known, {k: expected[k] for k in known}, "state_dict", "",
+                                  {k: own[k].dtype for k in known})
+        with transaction(self, values=[own[k] for k in state_dict if k in own]):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The rows of a forward's main input (input_ids or inputs_embeds), if it is a tensor."""
+    x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    return x.shape[0] if hasattr(x, "shape") and len(x.shape) >= 1 else None
 
 
 def _signed_forward(peft_model: PeftModel) -> functools.partial:
@@ -281,6 +357,10 @@ def get_peft_model(
 ) -> PeftModel:
     """Wrap `model` with a new adapter made from `peft_config` (PEFT's entry point)."""
     _accept_noop("get_peft_model", kwargs)
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model={type(model).__name__}: expected a torch.nn.Module")
+    validation.check_config(peft_config)
+    validation.check_adapter_name(adapter_name)
     # the family's builder: `_build` below, or fastpeft/prompting.py's for prompt learning
     return registry.family(peft_config).build(model, peft_config, adapter_name)
 

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpeft import checkpoint, inject, registry
+from fastpeft import checkpoint, inject, registry, validation
 from fastpeft.config import PeftConfig, PromptLearningConfig
 from fastpeft.hf_compat import cache_kwarg
-from fastpeft.methods.base import ModulesToSaveWrapper
-from fastpeft.methods.prefix import prefix_cache
+from fastpeft.methods.base import ModulesToSaveWrapper, delete_saved_copies
+from fastpeft.methods.prefix import prefix_cache, read_only
 from fastpeft.model import (
     SEQ_CLS_HEADS,
     PeftModel,
@@ -42,6 +42,7 @@ from fastpeft.model import (
     PeftModelForSequenceClassification,
     _accept_noop,
 )
+from fastpeft.transaction import transaction
 
 
 
@@ -135,11 +136,14 @@ class PromptLearningModel(PeftModel):
         return self._active_adapter
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Add a prompt encoder; the first adapter becomes active, later ones do not (PEFT's rule)."""
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter names are non-empty strings without '.', got {adapter_name!r}")
+        """Add a prompt encoder; the first adapter becomes active, later ones do not (PEFT's rule).
+        All or nothing: on a failure the model and the config are as they were."""
+        validation.check_new_adapter_name(adapter_name, self.peft_config)
+        validation.check_config(peft_config)
+        with transaction(self, dicts=[self.peft_config, self.prompt_tokens], objects=[peft_config]):
+            self._add_adapter(adapter_name, peft_config)
+
+    def _add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         if not peft_config.is_prompt_learning:
             raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a model holding prompt learning adapters")
         own = registry.get(peft_config.peft_type).task_models.get(peft_config.task_type)
@@ -186,13 +190,13 @@ class PromptLearningModel(PeftModel):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
+        with transaction(self, dicts=[self.peft_config, self.prompt_tokens]):
+            self._delete_adapter(adapter_name)
+
+    def _delete_adapter(self, adapter_name: str) -> None:
         del self.prompt_encoder[adapter_name]
         del self.prompt_tokens[adapter_name]
-        for key, wrapper in list(self._wrappers()):
-            if adapter_name in wrapper.modules_to_save:
-                del wrapper.modules_to_save[adapter_name]
-            if not wrapper.modules_to_save:
-                inject.replace_module(self.base_model, key, wrapper.original_module)
+        delete_saved_copies(self.base_model, self._wrappers(), adapter_name)
         del self.peft_config[adapter_name]
         if self._active_adapter == adapter_name:
             self._active_adapter = next(iter(self.peft_config), None)
@@ -324,10 +328,16 @@ class PromptLearningModel(PeftModel):
         if _is_prefix(config):
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
+            checkpointed = _checkpointed_layers(self.base_model)
+            if checkpointed:  # the prefix must survive transformers' gradient checkpointing
+                prompt = read_only(prompt)
+                kwargs.setdefault("use_cache", False)
             kwargs[cache_kwarg(self.base_model)] = prompt
-            return self.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
-            )
+            with _keep_cache(checkpointed):
+                return self.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                    **kwargs
+                )
         if kwargs.get("position_ids") is not None:
             warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
             kwargs["position_ids"] = None
@@ -387,12 +397,42 @@ class PromptLearningModel(PeftModel):
     ) -> None:
         """Add the adapter stored in `model_id` as `adapter_name` (not activated, as in PEFT)."""
         _accept_noop("load_adapter", kwargs)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
-        config = PeftConfig.from_pretrained(model_id)
+        validation.check_new_adapter_name(adapter_name, self.peft_config)
+        model_id = validation.check_directory(model_id, "model_id")
+        config = validation.check_config(PeftConfig.from_pretrained(model_id), f"config of {model_id!r}")
         state = _read_checked(self.base_model, model_id, config, is_trainable)
-        self.add_adapter(adapter_name, config)
-        _load_state(self, adapter_name, state)
+        with transaction(self, dicts=[self.peft_config, self.prompt_tokens]):
+            self.add_adapter(adapter_name, config)
+            _load_state(self, adapter_name, state)
+
+
+def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules with gradient checkpointing on, if this forward checkpoints (training, grad
+    enabled): transformers' GradientCheckpointingLayer blocks and the models holding them; []
+    otherwise."""
+    if not (model.training and torch.is_grad_enabled()):
+        return []
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+@contextlib.contextmanager
+def _keep_cache(modules: list[nn.Module]):
+    """For the length of the block, let checkpointed blocks keep the (read-only) prefix cache:
+    blocks get `_can_checkpoint_with_cache`; models that would drop the cache before calling
+    their blocks (GPT-2's) get their own flag off (their blocks still checkpoint by theirs)."""
+    blocks = [m for m in modules if hasattr(type(m), "_can_checkpoint_with_cache")]
+    models = [m for m in modules if not hasattr(type(m), "_can_checkpoint_with_cache")]
+    for block in blocks:
+        block._can_checkpoint_with_cache = True
+    for m in models:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("_can_checkpoint_with_cache", None)
+        for m in models:
+            m.gradient_checkpointing = True
 
 
 def _extend_mask(mask: torch.Tensor | None, num_virtual_tokens: int) -> torch.Tensor | None:

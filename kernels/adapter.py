@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.kernels.tiles import interpreting
+from fastpeft.kernels._common import interpreting
 
 __all__ = ["adapter_fwd", "ACTIVATIONS", "MAX_BOTTLENECK"]
 

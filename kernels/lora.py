@@ -35,11 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.kernels.tiles import INTERPRET_CONFIG, gpu_configs, grouped_tile, interpreting, lora_epilogue
+from fastpeft.kernels import configs
+from fastpeft.kernels._common import DTYPES, INTERPRET_CONFIG, grouped_tile, interpreting, k_loop, lora_epilogue
 
 __all__ = ["lora_fwd", "lora_bwd_dx", "scaled_linear_fwd"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = DTYPES
 
 
 @triton.jit
@@ -77,38 +78,21 @@ def _lora_fwd_kernel(
     pid_m, pid_n = grouped_tile(M, P, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
     mask_n = offs_n < P
     mask_r = offs_r < R
 
     # int64 row offsets: M * stride_xm may exceed 2**31 for long prefill batches.
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xq
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wq + offs_n[None, :] * stride_wp
-    a_ptrs = a_ptr + offs_k[:, None] * stride_aq + offs_r[None, :] * stride_ar
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k in range(0, tl.cdiv(Q, BLOCK_K)):
-        mask_k = offs_k < Q - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if HAS_IN_SCALE:  # fp32 product, rounded once to the operand dtype (as PEFT's IA3 does)
-            g = tl.load(g_ptr + (k * BLOCK_K + offs_k) * stride_g, mask=mask_k, other=0.0)
-            x = (x.to(tl.float32) * g.to(tl.float32)[None, :]).to(x.dtype)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        if HAS_LORA:
-            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-            xa = tl.dot(x, a, xa, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xq
-        w_ptrs += BLOCK_K * stride_wq
-        a_ptrs += BLOCK_K * stride_aq
+    acc, xa = k_loop(acc, xa, x_ptr, offs_m.to(tl.int64) * stride_xm, mask_m, stride_xq,
+                     w_ptr, stride_wq, stride_wp,
+                     x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, 0, 0,
+                     a_ptr, stride_aq, stride_ar, mask_r, g_ptr, stride_g,
+                     offs_n, mask_n, pid_n * BLOCK_N, 0, Q,
+                     False, False, 1, False, False, HAS_LORA, HAS_IN_SCALE, UPCAST, INPUT_PRECISION,
+                     R_PAD, BLOCK_K)
 
     acc = lora_epilogue(acc, xa, b_ptr, e_ptr, f_ptr, bias_ptr, offs_r, offs_n, mask_r, mask_n,
                         stride_br, stride_bp, stride_e, stride_f, stride_bias, scaling,
@@ -117,25 +101,12 @@ def _lora_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# Autotune space on a GPU: small BLOCK_M for decode (M <= 16), larger tiles for prefill.
-_GPU_SHAPES = [
-    # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-    (16, 32, 128, 4, 4),     # decode, narrow columns: more programs for a wide N
-    (16, 64, 128, 4, 4),
-    (16, 128, 64, 4, 4),
-    (32, 64, 64, 4, 4),
-    (64, 64, 64, 4, 4),      # prefill
-    (64, 128, 32, 4, 4),
-    (128, 64, 32, 4, 4),
-    (128, 128, 32, 8, 3),
-    (128, 256, 64, 8, 3),
-]
-
-# The autotuned wrapper of the same kernel, used only on a real GPU. It is keyed on the
+# The autotuned wrapper of the same kernel, used only on a real GPU, over the arch table's LORA_FWD
+# candidates (kernels/configs/), pruned to those that fit the arch. It is keyed on the
 # power-of-two bucket of M rather than M itself so that every new sequence length does not
 # re-tune. Autotune benchmarks on first sight of a key: warm up before CUDA-graph capture.
-_lora_fwd_kernel_tuned = triton.autotune(
-    configs=gpu_configs(_GPU_SHAPES), key=["M_BUCKET", "P", "Q", "R_PAD", "HAS_LORA", "HAS_IN_SCALE"])(_lora_fwd_kernel)
+_lora_fwd_kernel_tuned = configs.autotuned(
+    _lora_fwd_kernel, "LORA_FWD", key=["M_BUCKET", "P", "Q", "R_PAD", "HAS_LORA", "HAS_IN_SCALE"])
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple, ref: torch.Tensor) -> None:
@@ -182,7 +153,7 @@ def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None, 
         UPCAST=interpret and x.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
-    kernel = _lora_fwd_kernel if interpret else _lora_fwd_kernel_tuned
+    kernel = _lora_fwd_kernel if interpret else _lora_fwd_kernel_tuned.get()
     if interpret:
         meta.update(INTERPRET_CONFIG)
     kernel[_grid](

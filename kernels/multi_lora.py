@@ -30,16 +30,36 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.kernels.nf4 import _nf4_decode, _state_args
-from fastpeft.kernels.tiles import INTERPRET_CONFIG, interpreting, lora_epilogue
+from fastpeft.kernels import configs
+from fastpeft.kernels._common import INTERPRET_CONFIG, interpreting, lora_epilogue, nf4_meta, nf4_tile
+from fastpeft.kernels.nf4 import _state_args
 
 __all__ = ["multi_lora_grouped_fwd", "multi_lora_gathered_fwd", "rank_pad"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Fixed launch settings (no autotune: the grouped grid depends on BLOCK_M, which the batch
 # metadata does not know; and autotuning in a decode loop would break graph capture).
-_GPU_GROUPED = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
-_GPU_GATHERED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+
+
+def grouped_config(dtype: torch.dtype) -> dict:
+    """The arch table's grouped (prefill) tiles; fp32 ("ieee" dots on FMA) on twice the warps and
+    half the K tile, where the table's tiles spilled in the static check."""
+    cfg = dict(configs.table().MULTI_GROUPED)
+    if dtype == torch.float32:
+        cfg["num_warps"], cfg["BLOCK_K"] = 8, max(16, cfg["BLOCK_K"] // 2)
+    return cfg
+
+
+def gathered_config(r_pad: int) -> dict:
+    """The arch table's gathered (decode) tiles, BLOCK_K cut so the [BLOCK_M, R_PAD, BLOCK_K]
+    register tile of gathered A rows stays <= 64 fp32 registers per thread (no spills at R_PAD 64)."""
+    cfg = dict(configs.table().MULTI_GATHERED)
+    budget = 64 * 32 * cfg["num_warps"]
+    while cfg["BLOCK_K"] > 16 and cfg["BLOCK_M"] * r_pad * cfg["BLOCK_K"] > budget:
+        cfg["BLOCK_K"] //= 2
+    if cfg["BLOCK_M"] * r_pad * cfg["BLOCK_K"] > budget:
+        cfg["num_warps"] = 8
+    return cfg
 
 
 def rank_pad(max_rank: int) -> int:
@@ -48,27 +68,32 @@ def rank_pad(max_rank: int) -> int:
 
 
 @triton.jit
-def _base_tile(w_ptrs, packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
-               offs_n, offs_k, mask_k, mask_n, K, blocksize, NF4: tl.constexpr, NESTED: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] tile of W^T at rows offs_k, columns offs_n: loaded from the dense
-    weight (`w_ptrs`), or decoded from the NF4 state (fp32 values)."""
-    mask = mask_k[:, None] & mask_n[None, :]
+def _base_tile(w_ptrs, packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
+               offs_n, k0, mask_k, mask_n, K, row_bytes, NF4: tl.constexpr, NESTED: tl.constexpr,
+               BS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of W^T at rows k0 + [0, BLOCK_K), columns offs_n: loaded from
+    the dense weight (`w_ptrs`), or from the NF4 state by `_common.nf4_tile`, in w_ptrs' element
+    type either way (with an NF4 base w_ptrs points at x: the activation dtype, the weight bnb
+    would dequantize to). Both arms yield one type: the compiler rejects a constexpr branch whose
+    arms differ."""
     if NF4:
-        idx = offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]
-        return _nf4_decode(packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
-                           idx, mask, blocksize, NESTED)
-    return tl.load(w_ptrs, mask=mask, other=0.0)
+        w = tl.trans(nf4_tile(packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
+                              offs_n, mask_n, k0, K, row_bytes, BLOCK_K, BS, NESTED, ALIGNED))
+        w = w.to(w_ptrs.dtype.element_ty)
+    else:
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    return w
 
 
 @triton.jit
 def _multi_lora_grouped_fwd_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr,
-    packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,  # NF4 base only
+    packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,  # NF4 base only
     perm_ptr, seg_start_ptr, seg_adapter_ptr,       # int32 [M], [S + 1], [S]
     offsets_ptr, ranks_ptr, scalings_ptr,           # int32 [I], int32 [I], fp32 [I]
     # sizes: x [M, K], w [N, K], a [R_total, K], b [R_total, N], y [M, N]
-    N, K, blocksize,                                # blocksize: NF4 only
+    N, K, row_bytes,                                # row_bytes = K // 2: NF4 only
     # strides, in elements
     stride_xm, stride_xk,
     stride_wn, stride_wk,
@@ -79,6 +104,7 @@ def _multi_lora_grouped_fwd_kernel(
     # meta-parameters
     R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
+    BS: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Rows perm[seg_start[s] + pid_m * BLOCK_M + i] of y for segment s, columns of pid_n."""
@@ -113,9 +139,9 @@ def _multi_lora_grouped_fwd_kernel(
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             mask_k = offs_k < K - k * BLOCK_K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = _base_tile(w_ptrs, packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr,
-                           offset_ptr, offs_n, k * BLOCK_K + offs_k, mask_k, mask_n, K, blocksize,
-                           NF4, NESTED)
+            w = _base_tile(w_ptrs, packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
+                           offs_n, k * BLOCK_K, mask_k, mask_n, K, row_bytes, NF4, NESTED, BS, ALIGNED,
+                           BLOCK_K)
             a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
             if UPCAST:
                 x = x.to(tl.float32)
@@ -138,11 +164,11 @@ def _multi_lora_grouped_fwd_kernel(
 def _multi_lora_gathered_fwd_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr,
-    packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,  # NF4 base only
+    packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,  # NF4 base only
     ids_ptr,                                        # int32 [M], -1 = no adapter
     offsets_ptr, ranks_ptr, scalings_ptr,           # int32 [I], int32 [I], fp32 [I]
     # sizes: x [M, K], w [N, K], a [R_total, K], b [R_total, N], y [M, N]
-    M, N, K, blocksize,
+    M, N, K, row_bytes,
     # strides, in elements
     stride_xm, stride_xk,
     stride_wn, stride_wk,
@@ -153,6 +179,7 @@ def _multi_lora_gathered_fwd_kernel(
     # meta-parameters
     R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
+    BS: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[BLOCK_M tokens, BLOCK_N columns]: base by tl.dot, each token's LoRA term gathered."""
@@ -182,9 +209,9 @@ def _multi_lora_gathered_fwd_kernel(
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         mask_k = offs_k < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = _base_tile(w_ptrs, packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr,
-                       offset_ptr, offs_n, k * BLOCK_K + offs_k, mask_k, mask_n, K, blocksize,
-                       NF4, NESTED)
+        w = _base_tile(w_ptrs, packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
+                       offs_n, k * BLOCK_K, mask_k, mask_n, K, row_bytes, NF4, NESTED, BS, ALIGNED,
+                       BLOCK_K)
         a = tl.load(a_ptrs, mask=mask_mr[:, :, None] & mask_k[None, None, :], other=0.0)
         xf = x.to(tl.float32)
         if UPCAST:
@@ -217,14 +244,15 @@ def _base(x2d, weight, nf4) -> tuple:
         if tuple(weight.shape) != (N, K) or weight.dtype != x2d.dtype or weight.device != x2d.device:
             raise ValueError(f"weight: expected [N, {K}] {x2d.dtype} on {x2d.device}, got "
                              f"{list(weight.shape)} {weight.dtype} on {weight.device}")
-        return N, (weight, weight.stride(0), weight.stride(1), *([weight] * 6), 0), dict(NF4=False, NESTED=False)
+        return N, (weight, weight.stride(0), weight.stride(1), *([weight] * 5), 0), dict(NF4=False, NESTED=False, BS=1, ALIGNED=False)
     packed, absmax, shape, blocksize, nested, code4 = nf4
     N = shape[0]
     if shape[1] != K or packed.device != x2d.device:
         raise ValueError(f"nf4: a weight of shape {list(shape)} on {packed.device} does not fit x2d "
                          f"{list(x2d.shape)} on {x2d.device}")
     state, is_nested = _state_args(packed, absmax, shape, blocksize, nested, code4)
-    return N, (x2d, 0, 0, *state, int(blocksize)), dict(NF4=True, NESTED=is_nested)
+    nf4_constexprs, row_bytes = nf4_meta(blocksize, K)
+    return N, (x2d, 0, 0, *state, row_bytes), dict(NF4=True, NESTED=is_nested, **nf4_constexprs)
 
 
 def _prepare(kernel, x2d, weight, nf4, bias, lora_a, lora_b, offsets, ranks, scalings, out):
@@ -281,14 +309,14 @@ def multi_lora_grouped_fwd(x2d, weight, bias, lora_a, lora_b, offsets, ranks, sc
     M, N = out.shape
     if M == 0 or N == 0 or num_segments == 0:
         return out
-    cfg = dict(INTERPRET_CONFIG if interpret else _GPU_GROUPED)
+    cfg = dict(INTERPRET_CONFIG if interpret else grouped_config(x2d.dtype))
     cfg.pop("GROUP_M", None)
     grid = (num_segments, triton.cdiv(max_segment, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    w, stride_wn, stride_wk, *state, blocksize = base
+    w, stride_wn, stride_wk, *state, row_bytes = base
     _multi_lora_grouped_fwd_kernel[grid](
         x2d, w, x2d if bias is None else bias, lora_a, lora_b, out, *state,
         perm, seg_start, seg_adapter, offsets, ranks, scalings,
-        N, x2d.shape[1], blocksize,
+        N, x2d.shape[1], row_bytes,
         x2d.stride(0), x2d.stride(1), stride_wn, stride_wk,
         lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
         0 if bias is None else bias.stride(0), out.stride(0), out.stride(1),
@@ -309,14 +337,14 @@ def multi_lora_gathered_fwd(x2d, weight, bias, lora_a, lora_b, offsets, ranks, s
     M, N = out.shape
     if M == 0 or N == 0:
         return out
-    cfg = dict(INTERPRET_CONFIG if interpret else _GPU_GATHERED)
+    cfg = dict(INTERPRET_CONFIG if interpret else gathered_config(rank_pad(max_rank)))
     cfg.pop("GROUP_M", None)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    w, stride_wn, stride_wk, *state, blocksize = base
+    w, stride_wn, stride_wk, *state, row_bytes = base
     _multi_lora_gathered_fwd_kernel[grid](
         x2d, w, x2d if bias is None else bias, lora_a, lora_b, out, *state,
         token_ids, offsets, ranks, scalings,
-        M, N, x2d.shape[1], blocksize,
+        M, N, x2d.shape[1], row_bytes,
         x2d.stride(0), x2d.stride(1), stride_wn, stride_wk,
         lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
         0 if bias is None else bias.stride(0), out.stride(0), out.stride(1),

@@ -1,26 +1,26 @@
 """NF4 (bitsandbytes' 4-bit NormalFloat) kernels: dequantize, and the fused dequant-matmul with
 an optional LoRA epilogue, forward and input gradient.
 
-The weight is never materialized: each tile of the [N, K] weight is decoded in registers from
-the packed bytes (even element in the high nibble), the 16-entry code table and its block's scale.
-With double quantization the scale itself is decoded in the same place,
-``code8[qabsmax[b]] * nested_absmax[b // 256] + offset``, so there is no separate absmax pass.
-NF4 blocks run over the flattened row-major weight, so a block may straddle rows: the decoder
-works from the flat element index ``n * K + k`` and never assumes K is a multiple of anything.
+The weight is never materialized: every tile of the [N, K] weight comes from `_common.nf4_tile`,
+the one NF4 tile loader (packed bytes as wide vector loads, each byte once with both nibbles
+unpacked, each block's scale decoded once with double quant, the code table as constants).
+NF4 blocks run over the flattened row-major weight, so a block may straddle rows: the loader
+then works from the flat element index ``n * K + k`` (ALIGNED off), never assuming K is a
+multiple of anything.
 
-One generic kernel serves both directions from strides in that flat index:
+One generic kernel serves both directions (TRANS picks which axis of W the reduction runs on):
 
   forward `nf4_linear_fwd`:    out[M, N] = x[M, K] @ W^T + b + s (x A^T) B^T   (Q = K, P = N)
   backward `nf4_linear_bwd_dx`: dX[M, K] = dY[M, N] @ W + s (dY B) A          (Q = N, P = K)
 
-(the transposed access only swaps which flat-index stride belongs to the reduction axis). The LoRA
-term is the epilogue of `kernels/lora.py`: the K-loop also accumulates ``inp @ At`` into an fp32
-[BLOCK_M, R_PAD] tile that meets the Bt tile after the loop, so a QLoRA layer is one launch.
+The K-loop is `_common.k_loop` (shared with kernels/lora.py, the decode and the multi-adapter
+kernels): it also accumulates ``inp @ At`` into an fp32 [BLOCK_M, R_PAD] tile that meets the Bt
+tile in `_common.lora_epilogue`, so a QLoRA layer is one launch.
 
 Two paths, picked by `path_for(M)` in `_launch` for forward and dX alike: the tiled kernel here
-for M > 16, and for decode (M <= 16) the split-K GEMV of `kernels/nf4_decode.py`, which fills the
-GPU by splitting the reduction axis as well. Not done yet (see the issue): a Triton quantizer
-(quantizing runs the PyTorch reference).
+for M > 16 (autotuned over `configs` NF4_TILED of the arch), and for decode (M <= 16) the GEMV /
+split-K kernels of `kernels/nf4_decode.py`. A Triton quantizer is not done (quantizing runs the
+PyTorch reference).
 
 jit code and launchers only: no autograd, no nn (see fastpeft/ops.py).
 """
@@ -30,56 +30,45 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.kernels.tiles import INTERPRET_CONFIG, gpu_configs, grouped_tile, interpreting, lora_epilogue
+from fastpeft.kernels import configs, nf4_decode
+from fastpeft.kernels._common import (DTYPES, INTERPRET_CONFIG, alloc_out, check_device, dot_meta, grouped_tile,
+                                      interpreting, k_loop, lora_epilogue, nf4_meta, nf4_tile)
+from fastpeft.kernels.reference import NF4_CODE
 
 __all__ = ["nf4_dequantize", "nf4_linear_fwd", "nf4_linear_bwd_dx", "path_for", "DECODE_MAX_M"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = DTYPES
 _NESTED_BLOCKSIZE = 256
-DECODE_MAX_M = 16  # the split-K decode path serves M <= this; the tiled kernel the rest
+DECODE_MAX_M = nf4_decode.DECODE_MAX_M  # the split-K decode path serves M <= this; the tiled kernel the rest
 
 
 @triton.jit
-def _nf4_decode(packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
-                idx, mask, blocksize, NESTED: tl.constexpr):
-    """fp32 weight values at flat indices `idx` (int64, any shape): code4[nibble] * scale."""
-    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
-    nibble = tl.where((idx & 1) == 0, byte >> 4, byte & 0xF)
-    value = tl.load(code4_ptr + nibble, mask=mask, other=0.0)
-    block = idx // blocksize
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code8_ptr + q, mask=mask, other=0.0)
-        scale = scale * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return value * scale
-
-
-@triton.jit
-def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr,
-                        offset_ptr, out_ptr, numel, blocksize,
-                        NESTED: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = code4[q_i] * scale[i // blocksize] for the flat weight, cast once at the store."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < numel
-    w = _nf4_decode(packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
-                    idx, mask, blocksize, NESTED)
-    tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
+def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr, out_ptr,
+                        N, K, row_bytes,
+                        NESTED: tl.constexpr, BS: tl.constexpr, ALIGNED: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[N, K] = code4[q] * scale[block] for a [BLOCK_R, BLOCK_C] tile, cast once at the store."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
+    mask_r = rows < N
+    w = nf4_tile(packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
+                 rows, mask_r, col0, K, row_bytes, BLOCK_C, BS, NESTED, ALIGNED)
+    ptrs = out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & (cols < K)[None, :])
 
 
 @triton.jit
 def _nf4_linear_fwd_kernel(
     # pointers: activations, NF4 state, bias, LoRA factors, output
-    x_ptr, packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
+    x_ptr, packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
     bias_ptr, a_ptr, b_ptr, y_ptr,
     e_ptr, f_ptr,                   # rank scale [R], column scale [P] (read only when switched on)
-    # sizes: x [M, Q], W^(T) [Q, P], a [Q, R], b [R, P], y [M, P]; M_BUCKET only keys the autotuner
-    M, P, Q, R, M_BUCKET, blocksize,
-    # strides: x, y, a, b, bias in elements; the weight's in its flat [N*K] index
+    # sizes: x [M, Q], W^(T) [Q, P], a [Q, R], b [R, P], y [M, P]; M_BUCKET only keys the autotuner;
+    # the NF4 weight W [N, K] has rows of row_len = K elements, row_bytes = K // 2 bytes
+    M, P, Q, R, M_BUCKET, row_len, row_bytes,
+    # strides, in elements
     stride_xm, stride_xq,
-    stride_wq, stride_wp,
     stride_aq, stride_ar,
     stride_br, stride_bp,
     stride_bias,
@@ -87,7 +76,9 @@ def _nf4_linear_fwd_kernel(
     stride_e, stride_f,
     scaling,
     # meta-parameters
-    NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    NESTED: tl.constexpr, BS: tl.constexpr, ALIGNED: tl.constexpr,
+    TRANS: tl.constexpr,            # False: forward (Q = K, P = N); True: dX (Q = N, P = K)
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_RANK_SCALE: tl.constexpr,   # AdaLoRA's E on the x @ A^T tile
     HAS_COL_SCALE: tl.constexpr,    # DoRA's m / ||W + s B A|| on the pre-bias accumulator
     R_PAD: tl.constexpr,            # max(16, next_power_of_2(R)): tl.dot needs dims >= 16
@@ -99,37 +90,19 @@ def _nf4_linear_fwd_kernel(
     pid_m, pid_n = grouped_tile(M, P, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
     mask_n = offs_n < P
     mask_r = offs_r < R
-
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xq
-    w_idx = offs_k.to(tl.int64)[:, None] * stride_wq + offs_n.to(tl.int64)[None, :] * stride_wp
-    a_ptrs = a_ptr + offs_k[:, None] * stride_aq + offs_r[None, :] * stride_ar
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k in range(0, tl.cdiv(Q, BLOCK_K)):
-        mask_k = offs_k < Q - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = _nf4_decode(packed_ptr, absmax_ptr, code4_ptr, code8_ptr, nested_absmax_ptr,
-                        offset_ptr, w_idx, mask_k[:, None] & mask_n[None, :], blocksize, NESTED)
-        if UPCAST:
-            x = x.to(tl.float32)
-        else:
-            w = w.to(x.dtype)  # the weight bnb would dequantize to, and tensor-core operands
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        if HAS_LORA:
-            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-            xa = tl.dot(x, a, xa, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_aq
-        x_ptrs += BLOCK_K * stride_xq
-        w_idx += BLOCK_K * stride_wq
-
+    acc, xa = k_loop(acc, xa, x_ptr, offs_m.to(tl.int64) * stride_xm, mask_m, stride_xq,
+                     x_ptr, 0, 0,
+                     packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr, row_len, row_bytes,
+                     a_ptr, stride_aq, stride_ar, mask_r, x_ptr, 0,
+                     offs_n, mask_n, pid_n * BLOCK_N, 0, Q,
+                     True, NESTED, BS, ALIGNED, TRANS, HAS_LORA, False, UPCAST, INPUT_PRECISION,
+                     R_PAD, BLOCK_K)
     acc = lora_epilogue(acc, xa, b_ptr, e_ptr, f_ptr, bias_ptr, offs_r, offs_n, mask_r, mask_n,
                         stride_br, stride_bp, stride_e, stride_f, stride_bias, scaling,
                         HAS_LORA, HAS_RANK_SCALE, HAS_COL_SCALE, HAS_BIAS, UPCAST, INPUT_PRECISION)
@@ -137,18 +110,10 @@ def _nf4_linear_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# Autotune space on a GPU: BLOCK_M = 16 with long K tiles for decode, larger tiles for prefill.
-_GPU_SHAPES = [
-    # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-    (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 128, 64, 4, 4),
-    (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
-    (128, 64, 64, 8, 3),
-]
-_DEQUANT_BLOCK = 1024
+_DEQUANT_TILE = (16, 256)   # (BLOCK_R, BLOCK_C): 128 packed bytes per row, 16-byte loads
 
-_nf4_linear_fwd_kernel_tuned = triton.autotune(
-    configs=gpu_configs(_GPU_SHAPES), key=["M_BUCKET", "P", "Q", "R_PAD", "NESTED", "HAS_LORA"],
-)(_nf4_linear_fwd_kernel)
+_nf4_linear_fwd_kernel_tuned = configs.autotuned(
+    _nf4_linear_fwd_kernel, "NF4_TILED", key=["M_BUCKET", "P", "Q", "R_PAD", "NESTED", "HAS_LORA"], nf4=True)
 
 
 def _interpreting() -> bool:
@@ -156,9 +121,7 @@ def _interpreting() -> bool:
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if not _interpreting() and not t.is_cuda:
-        raise ValueError(f"tensor on {t.device}: Triton kernels need CUDA tensors "
-                         "(or TRITON_INTERPRET=1 set before triton is imported)")
+    check_device(_nf4_linear_fwd_kernel, t, "tensor")
 
 
 def _state_args(packed, absmax, shape, blocksize, nested, code4):
@@ -175,15 +138,19 @@ def _state_args(packed, absmax, shape, blocksize, nested, code4):
                          f"{list(absmax.shape)}")
     if code4.dtype != torch.float32 or code4.numel() != 16:
         raise ValueError(f"code4: expected fp32 [16], got {code4.dtype} {list(code4.shape)}")
+    # The kernels hold NF4's table as constants (kernels/_common.py); checked where it costs no
+    # device sync (a CUDA code4 is bnb's quant_map, which is this table).
+    if code4.device.type == "cpu" and code4.reshape(-1).tolist() != list(NF4_CODE):
+        raise ValueError("code4: the kernels implement bitsandbytes' NF4 table only, got another table")
     if nested is None:
-        return (packed, absmax, code4, absmax, absmax, absmax), False
+        return (packed, absmax, absmax, absmax, absmax), False
     code8, nested_absmax, offset = nested
     if code8.dtype != torch.float32 or code8.numel() != 256:
         raise ValueError(f"code8: expected fp32 [256], got {code8.dtype} {list(code8.shape)}")
     if nested_absmax.numel() != -(-nblocks // _NESTED_BLOCKSIZE) or offset.numel() != 1:
         raise ValueError(f"nested_absmax/offset: expected {-(-nblocks // _NESTED_BLOCKSIZE)} and 1 "
                          f"elements, got {nested_absmax.numel()} and {offset.numel()}")
-    return (packed, absmax, code4, code8, nested_absmax.float(), offset.float().reshape(1)), True
+    return (packed, absmax, code8, nested_absmax.float(), offset.float().reshape(1)), True
 
 
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int],
@@ -203,12 +170,15 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int,
     elif tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out: expected contiguous {list(shape)} {dtype}, got "
                          f"{list(out.shape)} {out.dtype}")
-    numel = shape[0] * shape[1]
-    if numel == 0:
+    N, K = shape
+    if N * K == 0:
         return out
     extra = {} if _interpreting() else {"enable_fp_fusion": False}
-    _nf4_dequant_kernel[(triton.cdiv(numel, _DEQUANT_BLOCK),)](
-        *state, out, numel, blocksize, NESTED=is_nested, BLOCK=_DEQUANT_BLOCK, **extra)
+    meta, row_bytes = nf4_meta(blocksize, K)
+    block_r, block_c = _DEQUANT_TILE
+    block_c = min(block_c, max(16, triton.next_power_of_2(K)))
+    _nf4_dequant_kernel[(triton.cdiv(N, block_r), triton.cdiv(K, block_c))](
+        *state, out, N, K, row_bytes, NESTED=is_nested, BLOCK_R=block_r, BLOCK_C=block_c, **meta, **extra)
     return out
 
 
@@ -219,37 +189,36 @@ def path_for(M: int) -> str:
 
 def _launch(inp, state, is_nested, blocksize, stride_wq, stride_wp, P, bias, at, bt, scaling, out,
             rank_scale=None, col_scale=None):
-    """out[M, P] = f * (inp[M, Q] @ dequant(W)[Q, P] + scaling * ((inp @ at) * e) @ bt) + bias."""
+    """out[M, P] = f * (inp[M, Q] @ dequant(W)[Q, P] + scaling * ((inp @ at) * e) @ bt) + bias.
+
+    (stride_wq, stride_wp) are W^(T)'s strides in the flat [N*K] index: (1, K) forward, (K, 1) dX.
+    """
     M, Q = inp.shape
     if inp.dtype not in _DTYPES:
         raise ValueError(f"x: dtype must be float32|float16|bfloat16, got {inp.dtype}")
     _check_device(inp)
-    if out is None:
-        out = torch.empty((M, P), dtype=inp.dtype, device=inp.device)
-    elif tuple(out.shape) != (M, P) or out.dtype != inp.dtype:
-        raise ValueError(f"out: expected [{M}, {P}] {inp.dtype}, got {list(out.shape)} {out.dtype}")
+    out = alloc_out(out, (M, P), inp)
     if M == 0 or P == 0:
         return out
     if path_for(M) == "decode":
-        from fastpeft.kernels import nf4_decode  # here, not at the top: it imports _nf4_decode from us
-
         return nf4_decode.launch_split_k(inp, state, is_nested, blocksize, stride_wq, stride_wp, P, bias,
                                          at, bt, scaling, out, rank_scale, col_scale)
     has_lora, has_bias = at is not None, bias is not None
     R = at.shape[1] if has_lora else 1
     interpret = _interpreting()
+    trans = stride_wq != 1
+    row_len = stride_wq if trans else stride_wp
+    nf4, row_bytes = nf4_meta(blocksize, row_len)
 
     def _grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(P, meta["BLOCK_N"]),)
 
     meta = dict(
-        NESTED=is_nested, HAS_BIAS=has_bias, HAS_LORA=has_lora,
+        NESTED=is_nested, TRANS=trans, HAS_BIAS=has_bias, HAS_LORA=has_lora,
         HAS_RANK_SCALE=rank_scale is not None, HAS_COL_SCALE=col_scale is not None,
-        R_PAD=max(16, triton.next_power_of_2(R)),
-        UPCAST=interpret and inp.dtype == torch.bfloat16,
-        INPUT_PRECISION="ieee" if inp.dtype == torch.float32 else "tf32",
+        R_PAD=max(16, triton.next_power_of_2(R)), **nf4, **dot_meta(_nf4_linear_fwd_kernel, inp.dtype),
     )
-    kernel = _nf4_linear_fwd_kernel if interpret else _nf4_linear_fwd_kernel_tuned
+    kernel = _nf4_linear_fwd_kernel if interpret else _nf4_linear_fwd_kernel_tuned.get()
     if interpret:
         meta.update(INTERPRET_CONFIG)
     dummy = inp
@@ -257,9 +226,8 @@ def _launch(inp, state, is_nested, blocksize, stride_wq, stride_wp, P, bias, at,
         inp, *state, bias if has_bias else dummy, at if has_lora else dummy,
         bt if has_lora else dummy, out,
         dummy if rank_scale is None else rank_scale, dummy if col_scale is None else col_scale,
-        M, P, Q, R, triton.next_power_of_2(M), blocksize,
+        M, P, Q, R, triton.next_power_of_2(M), row_len, row_bytes,
         inp.stride(0), inp.stride(1),
-        stride_wq, stride_wp,
         at.stride(0) if has_lora else 0, at.stride(1) if has_lora else 0,
         bt.stride(0) if has_lora else 0, bt.stride(1) if has_lora else 0,
         bias.stride(0) if has_bias else 0,

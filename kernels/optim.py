@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels.reference import adamw8bit_scalars
-from fastpeft.kernels.tiles import interpreting
+from fastpeft.kernels._common import interpreting
 
 __all__ = ["adamw8bit_update"]
 

@@ -270,9 +270,11 @@ def nf4_linear_bwd_dx(dy2d: Tensor, packed: Tensor, absmax: Tensor, shape: tuple
 # adapter i at rows offsets[i] : offsets[i] + ranks[i], scale scalings[i]; id -1 (or rank 0) is
 # the base alone. These references are also the CPU path, so they are batched: the adapters'
 # factors are gathered into [groups, max_rank, *] stacks and applied with two bmm's, never a
-# Python loop per adapter. Gathered rows past an adapter's rank are masked out of the [*, rank]
-# product, not out of the stacks (that costs a pass over them), so rows of lora_b that belong to
-# no adapter must be finite (fastpeft.multi.AdapterBank keeps them zero or a freed adapter's).
+# Python loop per adapter. Gathered rows past an adapter's rank (and every row gathered for the
+# base, id -1) are bank rows of OTHER adapters: they are selected away (zeroed with a mask) in the
+# gathered stacks, never multiplied by a zero coefficient, since 0 * NaN = NaN would let a NaN or
+# inf in one adapter change the rows of every other adapter and of the base. A row's output is
+# computed from its own adapter only, bit for bit the same whatever the bank's other rows hold.
 __all__ += ["multi_lora_tables", "multi_lora_segment_slots", "multi_lora_grouped_fwd", "multi_lora_gathered_fwd"]
 
 
@@ -280,26 +282,28 @@ def multi_lora_tables(offsets: Tensor, ranks: Tensor, scalings: Tensor,
                       max_rank: int) -> tuple[Tensor, Tensor]:
     """What the references gather per segment or token, per adapter id shifted by one (row 0 is
     id -1, the base): the bank rows of its rank slots, long [I + 1, max_rank] (0 past the rank),
-    and their coefficients, fp32 [I + 1, max_rank] (the scale up to the rank, 0 past it). A
-    function of the bank alone, so fastpeft.ops computes it once per bank change, not per call."""
+    their coefficients, fp32 [I + 1, max_rank] (the scale up to the rank, 0 past it), and which
+    slots are real, bool [I + 1, max_rank]. A function of the bank alone, so fastpeft.ops
+    computes it once per bank change, not per call."""
     r = torch.arange(max_rank, device=offsets.device)
     valid = r < ranks.long()[:, None]
     rows = torch.where(valid, offsets.long()[:, None] + r, 0)
-    coef = valid * scalings.float()[:, None]
-    return F.pad(rows, (0, 0, 1, 0)), F.pad(coef, (0, 0, 1, 0))
+    coef = torch.where(valid, scalings.float()[:, None], 0.0)
+    return F.pad(rows, (0, 0, 1, 0)), F.pad(coef, (0, 0, 1, 0)), F.pad(valid, (0, 0, 1, 0))
 
 
 def _bank_factors(lora_a: Tensor, lora_b: Tensor, slot: Tensor,
-                  tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                  tables: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """For the table slots `slot` [G] (adapter id + 1, long; 0: none): fp32 A stacks
-    [G, max_rank, K] and B^T stacks [G, max_rank, N] (rows past each rank unmasked) and the
-    coefficients [G, max_rank] (one multiply masks and scales), gathered through
+    [G, max_rank, K] and B^T stacks [G, max_rank, N] (rows past each rank are zeros, selected,
+    whatever the bank holds there) and the scales [G, max_rank], gathered through
     `multi_lora_tables`."""
     rows = tables[0].index_select(0, slot)
     G, R = rows.shape
     rows = rows.view(-1)
-    a = lora_a.index_select(0, rows).view(G, R, -1).float()
-    b = lora_b.index_select(0, rows).view(G, R, -1).float()
+    real = tables[2].index_select(0, slot)[:, :, None]  # [G, R, 1]
+    a = torch.where(real, lora_a.index_select(0, rows).view(G, R, -1).float(), 0.0)
+    b = torch.where(real, lora_b.index_select(0, rows).view(G, R, -1).float(), 0.0)
     return a, b, tables[1].index_select(0, slot)
 
 
@@ -321,7 +325,7 @@ def multi_lora_segment_slots(perm: Tensor, seg_start: Tensor, num_segments: int,
 def multi_lora_grouped_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
                            lora_b: Tensor, offsets: Tensor, ranks: Tensor, scalings: Tensor,
                            max_rank: int, perm: Tensor, seg_start: Tensor, seg_adapter: Tensor,
-                           num_segments: int, max_segment: int, tables: tuple[Tensor, Tensor] | None = None,
+                           num_segments: int, max_segment: int, tables: tuple[Tensor, Tensor, Tensor] | None = None,
                            slots: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """y = x W^T + b + per-segment LoRA, tokens grouped by adapter (the SGMV kernel's reference).
 
@@ -354,7 +358,7 @@ def multi_lora_grouped_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lor
 def multi_lora_gathered_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
                             lora_b: Tensor, offsets: Tensor, ranks: Tensor, scalings: Tensor,
                             max_rank: int, token_ids: Tensor,
-                            tables: tuple[Tensor, Tensor] | None = None,
+                            tables: tuple[Tensor, Tensor, Tensor] | None = None,
                             table_slots: Tensor | None = None) -> Tensor:
     """y = x W^T + b + each token's own LoRA term (the BGMV kernel's reference): the factors of
     every token's adapter are gathered into [M, max_rank, *] stacks, then two bmm's -> [M, N].

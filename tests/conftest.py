@@ -13,6 +13,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "yes", "on")
+
+try:  # hypothesis profiles for tests/test_fuzz.py: "ci" by default (a fixed, short run), "long" nightly
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, database=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("long", max_examples=400, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile("ci")  # `pytest --hypothesis-profile=long` loads the other one after this
+except ImportError:  # hypothesis comes with the test extra; without it test_fuzz.py skips
+    pass
 HAS_CUDA = torch.cuda.is_available()
 
 

@@ -92,6 +92,26 @@ def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     return out
 
 
+# Importers of fastpeft.kernels besides fastpeft.ops: quant/nf4.py reads the NF4 format constants
+# (NF4_BLOCKSIZES, NESTED_BLOCKSIZE; fastpeft.ops.nf4 re-exports them for it to switch to).
+KERNEL_IMPORTERS = {"fastpeft.quant.nf4"}
+
+
+def test_cycles_finds_every_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}, "f": set()}
+    assert [sorted(c) for c in _cycles(graph)] == [["a", "b", "c"]]
+
+
+def test_only_ops_imports_kernels_and_kernels_import_nothing_above():
+    graph = _graph()
+    for name, imports in graph.items():
+        kernels = {m for m in imports if m.startswith("fastpeft.kernels")}
+        if name.startswith("fastpeft.kernels"):
+            assert imports == kernels, f"{name} imports {sorted(imports - kernels)}: kernels know no modules"
+        elif not name.startswith("fastpeft.ops") and name not in KERNEL_IMPORTERS:
+            assert not kernels, f"{name} imports {sorted(kernels)}: only fastpeft.ops may"
+
+
 def test_graph_sees_lazy_and_relative_imports():
     graph = _graph()
     assert "fastpeft.kernels.reference" in graph["fastpeft.ops"] or any(

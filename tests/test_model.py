@@ -161,4 +161,4 @@ def test_save_pretrained_refuses_a_file(make_model, tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         model.save_pretrained(target)
     model.save_pretrained(tmp_path / "dir")
-    assert sorted(os.listdir(tmp_path / "dir")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "dir")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # PEFT writes a model card too

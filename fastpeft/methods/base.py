@@ -127,7 +127,32 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.active_module(), name)  # e.g. `.weight` of a wrapped head
 
 
-class BaseTuner(nn.Module):
+def delete_saved_copies(model: nn.Module, wrappers, adapter_name: str) -> None:
+    """Drop `adapter_name`'s modules_to_save copies from `wrappers` ((key, wrapper) pairs in
+    `model`); a wrapper left with no copy is swapped back for its original module."""
+    for key, wrapper in list(wrappers):
+        if adapter_name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[adapter_name]
+        if not wrapper.modules_to_save:
+            inject.replace_module(model, key, wrapper.original_module)
+
+
+class Wrapper(nn.Module):
+    """A module whose unknown attributes are those of the module it wraps, held as `INNER` (PEFT's
+    chain: PeftModel -> tuner -> the user's model)."""
+
+    INNER: ClassVar[str] = "model"
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self.INNER:
+                raise
+            return getattr(getattr(self, self.INNER), name)
+
+
+class BaseTuner(Wrapper):
     """Holds the user's model as `.model` and injects one method's layers into it (PEFT's `*Model`).
 
     Subclasses set `prefix` (the parameter-name prefix of the method, e.g. "lora_"), `layer_cls`,
@@ -143,14 +168,6 @@ class BaseTuner(nn.Module):
         self.model = model
         self.peft_config = peft_config  # shared with the PeftModel: {adapter name: config}
         self.active_adapter: str | None = None
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
 
     # -- subclass hooks ------------------------------------------------------------------------
     def _create_layer(self, target: nn.Module, adapter_name: str, config: Any, key: str) -> AdapterLayer | None:
@@ -285,11 +302,7 @@ class BaseTuner(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged into the weights: unmerge it before deleting it")
         for layer in layers:
             layer.delete_adapter(adapter_name)
-        for key, wrapper in list(self.wrappers()):
-            if adapter_name in wrapper.modules_to_save:
-                del wrapper.modules_to_save[adapter_name]
-            if not wrapper.modules_to_save:
-                inject.replace_module(self.model, key, wrapper.original_module)
+        delete_saved_copies(self.model, self.wrappers(), adapter_name)
         for key, layer in list(self.adapter_layers()):
             if not layer.adapters:
                 inject.replace_module(self.model, key, layer.base_layer)

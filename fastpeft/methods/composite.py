@@ -33,6 +33,11 @@ class CompositeModel(prompting.PromptLearningModel):
             self.__dict__[attr] = cls(self.base_model, {})
         return self.__dict__[attr]
 
+    @property
+    def bottleneck(self):
+        """The part that owns the bottleneck adapter layers (every composite has one)."""
+        return self._part("_bottleneck")
+
     def _parts(self) -> list:
         return [self._part(attr) for attr, _, _ in self.PARTS]
 

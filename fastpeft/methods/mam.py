@@ -68,11 +68,6 @@ class MAMModel(CompositeModel):
     MERGE_ERROR = ("MAM adapters cannot be merged into the weights: the prefix is extra attention keys and "
                    "values, and the parallel adapter has a non-linearity between its projections")
 
-    @property
-    def bottleneck(self) -> BottleneckModel:
-        """The tuner over `base_model` that owns the adapter layers (outside the module tree)."""
-        return self._part("_bottleneck")
-
 
 registry.register(MAMConfig, encoder=lambda config, word_embeddings: PrefixEncoder(config), prefix=True,
                   task_models=prompting.task_models(MAMModel))

@@ -96,5 +96,23 @@ def prefix_cache(flat: torch.Tensor, config: PrefixTuningConfig, model_config=No
     return cache
 
 
+def read_only(cache):
+    """The prefix cache made read-only for a checkpointed training forward: each layer's `update`
+    returns the prefix joined with the new keys/values and stores nothing, so the recompute in
+    backward sees exactly what the forward saw (transformers' GradientCheckpointingLayer drops a
+    cache that layers write to, and with it the prefix)."""
+    from transformers import DynamicCache
+
+    class ReadOnlyPrefixCache(type(cache)):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            layer = self.layers[layer_idx]
+            return (torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2))
+
+    if not isinstance(cache, DynamicCache):
+        return cache
+    cache.__class__ = ReadOnlyPrefixCache
+    return cache
+
+
 registry.register(PrefixTuningConfig, encoder=lambda config, word_embeddings: PrefixEncoder(config),
                   prefix=True)

@@ -346,10 +346,6 @@ class UniPELTModel(CompositeModel):
     def lora(self) -> GatedLoraModel:
         return self._part("_lora")
 
-    @property
-    def bottleneck(self) -> GatedBottleneckModel:
-        return self._part("_bottleneck")
-
     # -- adapters ------------------------------------------------------------------------------
     def _add_prefix(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """The prefix, its gate, and (for the first adapter) the gated attention hooks."""

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpeft.kernels import reference
 from fastpeft.ops._backend import (check_dropout, check_float, check_scale_shapes, check_types,
                                    describe, kernels, resolve_backend)
 

@@ -21,6 +21,9 @@ from fastpeft.ops.lora import (autocast_cast, dropout_lora, fused_bwd_dx, fused_
 
 __all__ = ["NF4Quantized", "nf4_quantize", "nf4_dequantize", "nf4_linear"]
 
+# the format's constants, for the modules above ops (fastpeft.quant)
+NF4_BLOCKSIZES, NESTED_BLOCKSIZE = reference.NF4_BLOCKSIZES, reference.NESTED_BLOCKSIZE
+
 _NF4_FIELDS = ("packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset", "shape",
                "blocksize")
 

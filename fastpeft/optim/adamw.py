@@ -118,10 +118,11 @@ class _AdamWBase(Optimizer):
                 if p.grad.is_sparse:
                     raise ValueError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
+                local = local_param(p)
                 if not state:
-                    state.update(self._new_state(p, group))
+                    state.update(self._new_state(local, group))
                 state["step"] += 1
-                jobs.append((p, group, state))
+                jobs.append((local, group, state))
         self._run(jobs)
         return loss
 
@@ -153,6 +154,7 @@ class _AdamWBase(Optimizer):
             self.state[p] = state
 
     def _restore(self, p: Tensor, group: dict, saved: dict) -> dict[str, Tensor]:
+        p = local_param(p)
         spec = self._state_spec(p, group)
         if set(saved) != {"step", *spec}:
             raise ValueError(f"{type(self).__name__}.load_state_dict: a state with keys {sorted(spec)} and "
@@ -172,6 +174,17 @@ class _AdamWBase(Optimizer):
         if device not in self._maps:
             self._maps[device] = optim_ops.adamw8bit_maps(device)
         return self._maps[device]
+
+
+def local_param(p: Tensor) -> Tensor:
+    """A DTensor parameter (an FSDP2 shard) as the plain tensor of this rank's shard, sharing its
+    storage, its gradient's shard as `.grad`: the state is kept per shard. Others: `p` itself."""
+    if not hasattr(p, "to_local"):
+        return p
+    local = p.detach().to_local()
+    if p.grad is not None:
+        local.grad = p.grad.to_local()
+    return local
 
 
 @contextlib.contextmanager

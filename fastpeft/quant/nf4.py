@@ -1,11 +1,16 @@
 """NF4 base weights (QLoRA): `NF4Config`, the `NF4Weight` container, `Linear4bit`, `quantize_model`.
 
 The format is bitsandbytes' exactly (see `fastpeft.kernels.reference`, "NF4"), and so is the
-state dict of a `Linear4bit`: `weight` (packed uint8 [(N*K+1)//2, 1]), `bias`, `weight.absmax`,
+state dict of an unsharded `Linear4bit`: `weight` (packed uint8 [(N*K+1)//2, 1]), `bias`, `weight.absmax`,
 `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map` and
 `weight.quant_state.bitsandbytes__nf4` (the JSON of the non-tensor fields as uint8), so a
 `bitsandbytes.nn.Linear4bit` state dict loads here and ours loads there with
 `Params4bit.from_prequantized`. Quantizing and the matmuls go through `fastpeft.ops`.
+
+Storage (what FSDP2 shards, see docs/distributed.md): the per-weight data are frozen uint8
+parameters whose dim 0 is the quantization block, so `fully_shard`'s dim-0 chunks never split a
+block and a block's codes and absmax land on the same rank; bytes are not floats, so a
+`MixedPrecisionPolicy` leaves them alone and the all-gather moves 4-bit bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = ()
+
 from fastpeft import ops
 from fastpeft.kernels.reference import NESTED_BLOCKSIZE, NF4_BLOCKSIZES
 
@@ -25,7 +35,8 @@ __all__ = ["NF4Config", "NF4Weight", "Linear4bit", "quantize_model", "from_bnb_m
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QS_KEY = "quant_state.bitsandbytes__nf4"
 _TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-_BUFFERS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+_FLOAT_BUFFERS = ("quant_map", "nested_quant_map", "offset")  # replicated constants + the scalar offset
+_STORAGE = ("weight", "weight_absmax", "weight_nested_absmax")  # the shardable uint8 parameters
 
 
 @dataclass
@@ -62,9 +73,15 @@ class NF4Weight:
 class Linear4bit(nn.Module):
     """An nn.Linear whose weight is stored in NF4 (bnb's `Linear4bit` with quant_type="nf4").
 
-    Input is cast to `compute_dtype`, the output back to the input dtype (bnb's semantics). The
-    packed weight and quant state are buffers, so they follow `.to(device)`; a dtype cast of the
-    model leaves them alone (they are not floating weights).
+    Input is cast to `compute_dtype`, the output back to the input dtype (bnb's semantics).
+
+    Storage, one row per quantization block of `blocksize` weights (the last block zero-padded):
+    `weight` uint8 [B, blocksize // 2] (bnb's packed stream, reshaped), `weight_absmax` uint8
+    [B, 1] (double quant's 8-bit codes) or [B, 4] (fp32 bytes), `weight_nested_absmax` uint8
+    [ceil(B / 256), 4] (fp32 bytes) or None: frozen parameters that follow `.to(device)` and that
+    FSDP2 shards on dim 0; `absmax` and `nested_absmax` read them as bnb's tensors. The constant
+    code tables and the double-quant offset are buffers (replicated); a dtype cast of the model
+    leaves all of them alone.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
@@ -75,21 +92,59 @@ class Linear4bit(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.double_quant = blocksize, double_quant
         self.compute_dtype, self.weight_dtype = compute_dtype, weight_dtype
-        numel = in_features * out_features
-        nblocks = -(-numel // blocksize)
-        self.register_buffer("weight", torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, device=device),
-                             persistent=False)
+        nblocks = -(-in_features * out_features // blocksize)
+        frozen = lambda *shape: nn.Parameter(torch.zeros(shape, dtype=torch.uint8, device=device), requires_grad=False)
+        self.weight = frozen(nblocks, blocksize // 2)
+        self.weight_absmax = frozen(nblocks, 1 if double_quant else 4)
         self.register_buffer("quant_map", ops.reference.nf4_code(device), persistent=False)
         if double_quant:
-            self.register_buffer("absmax", torch.zeros(nblocks, dtype=torch.uint8, device=device), persistent=False)
-            self.register_buffer("nested_absmax", torch.zeros(-(-nblocks // NESTED_BLOCKSIZE), device=device),
-                                 persistent=False)
+            self.weight_nested_absmax = frozen(-(-nblocks // NESTED_BLOCKSIZE), 4)
             self.register_buffer("nested_quant_map", ops.reference.dynamic_map(device), persistent=False)
             self.register_buffer("offset", torch.zeros((), device=device), persistent=False)
         else:
-            self.register_buffer("absmax", torch.zeros(nblocks, device=device), persistent=False)
-            self.nested_absmax = self.nested_quant_map = self.offset = None
+            self.register_parameter("weight_nested_absmax", None)
+            self.nested_quant_map = self.offset = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device)) if bias else None
+
+    # -- storage <-> bnb's tensors ---------------------------------------------------------------
+    @property
+    def nbytes_packed(self) -> int:
+        """bnb's packed length, (N*K+1)//2 bytes (the storage pads the last block)."""
+        return (self.in_features * self.out_features + 1) // 2
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """bnb's packed codes, uint8 [(N*K+1)//2, 1] (a view of `weight`)."""
+        return self.weight.reshape(-1)[: self.nbytes_packed].reshape(-1, 1)
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """fp32 [B] block scales, or uint8 [B] codes with double quant (a view of `weight_absmax`)."""
+        return self.weight_absmax.reshape(-1) if self.double_quant else self.weight_absmax.view(torch.float32).reshape(-1)
+
+    @property
+    def nested_absmax(self) -> torch.Tensor | None:
+        t = self.weight_nested_absmax
+        return None if t is None else t.view(torch.float32).reshape(-1)
+
+    def _set_storage(self, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None) -> None:
+        """Store bnb's tensors (packed uint8 [(N*K+1)//2(, 1)], absmax [B], nested fp32 [B2]) as
+        new frozen parameters on the layer's device."""
+        device = self.weight.device
+        rows = self.weight.shape[0]
+        flat = torch.zeros(rows * (self.blocksize // 2), dtype=torch.uint8, device=device)
+        flat[: self.nbytes_packed] = packed.reshape(-1).to(device)
+        param = lambda t: nn.Parameter(t.contiguous(), requires_grad=False)
+        self.weight = param(flat.reshape(rows, -1))
+        absmax = absmax.reshape(-1).to(device)
+        self.weight_absmax = param(absmax.reshape(-1, 1) if self.double_quant
+                                   else absmax.float().reshape(-1, 1).view(torch.uint8))
+        if nested_absmax is not None:
+            self.weight_nested_absmax = param(nested_absmax.float().to(device).reshape(-1, 1).view(torch.uint8))
+
+    def is_sharded(self) -> bool:
+        """Whether FSDP2 holds the storage as DTensor shards (between forwards)."""
+        return isinstance(self.weight, DTensor)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -101,9 +156,9 @@ class Linear4bit(nn.Module):
         layer = cls(weight.shape[1], weight.shape[0], linear.bias is not None, config.blocksize,
                     config.double_quant, config.compute_dtype, weight.dtype, device=weight.device)
         q = ops.nf4_quantize(weight.detach(), config.blocksize, config.double_quant)
-        layer.weight, layer.absmax = q["packed"], q["absmax"]
+        layer._set_storage(q["packed"], q["absmax"], q["nested_absmax"])
         if config.double_quant:
-            layer.nested_absmax, layer.offset = q["nested_absmax"], q["offset"]
+            layer.offset = q["offset"]
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return layer
@@ -123,7 +178,7 @@ class Linear4bit(nn.Module):
 
     # -- the weight ------------------------------------------------------------------------------
     def nf4_weight(self) -> NF4Weight:
-        return NF4Weight(self.weight, self.absmax, self.quant_map, self.nested_absmax,
+        return NF4Weight(self.packed, self.absmax, self.quant_map, self.nested_absmax,
                          self.nested_quant_map, self.offset, (self.out_features, self.in_features),
                          self.blocksize)
 
@@ -136,14 +191,17 @@ class Linear4bit(nn.Module):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"Linear4bit.requantize_: weight must be [{self.out_features}, "
                              f"{self.in_features}], got {list(weight.shape)}")
+        if self.is_sharded():
+            raise ValueError("Linear4bit.requantize_: the layer is sharded (FSDP2); merge on an unsharded model")
         q = ops.nf4_quantize(weight.detach().to(self.weight_dtype), self.blocksize, self.double_quant)
-        self.weight, self.absmax = q["packed"], q["absmax"]
+        self._set_storage(q["packed"], q["absmax"], q["nested_absmax"])
         if self.double_quant:
-            self.nested_absmax, self.offset = q["nested_absmax"], q["offset"]
+            self.offset = q["offset"]
 
     def storage_bits_per_param(self) -> float:
         """Bits per weight of everything stored for the weight (codes, scales, maps, offset)."""
-        nbytes = sum(t.numel() * t.element_size() for n in _BUFFERS if (t := getattr(self, n)) is not None)
+        nbytes = sum(t.numel() * t.element_size() for n in (*_STORAGE, *_FLOAT_BUFFERS)
+                     if (t := getattr(self, n)) is not None)
         return 8 * nbytes / (self.in_features * self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,8 +209,9 @@ class Linear4bit(nn.Module):
         return ops.nf4_linear(x.to(self.compute_dtype), self.nf4_weight(), bias).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
-        """Device moves apply to the quant state; dtype casts do not (they would corrupt it)."""
-        before = {n: getattr(self, n) for n in _BUFFERS if getattr(self, n) is not None}
+        """Device moves apply to the quant state; dtype casts do not (they would corrupt it). The
+        uint8 storage parameters are never cast; the fp32 buffers are kept here."""
+        before = {n: getattr(self, n) for n in _FLOAT_BUFFERS if getattr(self, n) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = getattr(self, name)
@@ -162,7 +221,12 @@ class Linear4bit(nn.Module):
 
     # -- bitsandbytes' state-dict format ---------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight
+        if self.is_sharded():  # DCP's format: the storage by attribute name, the shards as they are
+            for name, t in (*self._parameters.items(), *self._buffers.items()):
+                if t is not None:
+                    destination[prefix + name] = t if keep_vars else t.detach()
+            return
+        destination[prefix + "weight"] = self.packed
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
         destination[prefix + "weight.absmax"] = self.absmax
@@ -183,6 +247,9 @@ class Linear4bit(nn.Module):
         """Validate the whole layer's entries first, then assign: a bad entry changes nothing."""
         name = prefix.rstrip(".") or type(self).__name__
         mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if self.is_sharded():
+            self._load_sharded(mine, prefix, name, missing_keys, unexpected_keys)
+            return
         if "weight" not in mine:
             missing_keys.append(prefix + "weight")
             return
@@ -216,18 +283,31 @@ class Linear4bit(nn.Module):
                              f"does not fit the layer (bias={self.bias is not None}, out={N})")
         with torch.no_grad():
             device = self.weight.device
-            self.weight = mine["weight"].reshape(-1, 1).to(device).clone()
-            self.absmax = mine["weight.absmax"].reshape(-1).to(device).clone()
+            self._set_storage(mine["weight"], mine["weight.absmax"], mine.get("weight.nested_absmax"))
             self.quant_map = mine["weight.quant_map"].to(device).clone()
             self.weight_dtype = getattr(torch, qs["dtype"])
             if nested:
-                self.nested_absmax = mine["weight.nested_absmax"].to(device).clone()
                 self.nested_quant_map = mine["weight.nested_quant_map"].to(device).clone()
                 self.offset = torch.tensor(float(qs["nested_offset"]), device=device)
             if bias is not None:
                 self.bias.copy_(bias)
         known = {"weight", "bias", "weight." + _QS_KEY, *("weight." + k for k in _TENSOR_KEYS)}
         unexpected_keys.extend(prefix + k for k in mine if k not in known and "." not in k.removeprefix("weight."))
+
+    def _load_sharded(self, mine, prefix, name, missing_keys, unexpected_keys) -> None:
+        """Load DCP's format (what `_save_to_state_dict` writes for a sharded layer) in place:
+        every tensor is checked before the first copy."""
+        own = {n: t for n, t in (*self._parameters.items(), *self._buffers.items()) if t is not None}
+        missing_keys.extend(prefix + n for n in own if n not in mine)
+        unexpected_keys.extend(prefix + k for k in mine if k not in own and "." not in k)
+        for n, t in own.items():
+            if n in mine and (tuple(mine[n].shape) != tuple(t.shape) or mine[n].dtype != t.dtype):
+                raise ValueError(f"{name}: sharded state dict entry {n!r} is {mine[n].dtype} "
+                                 f"{list(mine[n].shape)}, the layer holds {t.dtype} {list(t.shape)}")
+        with torch.no_grad():
+            for n, t in own.items():
+                if n in mine:
+                    t.copy_(mine[n])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

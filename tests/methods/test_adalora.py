@@ -33,26 +33,15 @@ def set_singular_values(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * (torch.rand(p.shape, generator=g) > 0.2))
 
 
-def peft_model(base, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(base, peft.AdaLoraConfig(**kwargs)).eval()
-
-
-def pair(arch, make_model, nontrivial=True, **extra):
-    kwargs = ada_kwargs(arch, **extra)
-    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.AdaLoraConfig(**kwargs)).eval()
-    if nontrivial:
-        set_singular_values(ours)
-    theirs = peft_model(make_model(arch), **kwargs)
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
+def pair(arch, oracle_twins, nontrivial=True, **extra):
+    return oracle_twins(arch, "AdaLoraConfig", prepare=set_singular_values if nontrivial else None,
+                        **ada_kwargs(arch, **extra))
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_same_parameters_as_peft(arch, make_model):
+def test_same_parameters_as_peft(arch, make_model, peft_oracle):
     ours = fastpeft.get_peft_model(make_model(arch), fastpeft.AdaLoraConfig(**ada_kwargs(arch)))
-    theirs = peft_model(make_model(arch), **ada_kwargs(arch))
+    theirs = peft_oracle(make_model(arch), "AdaLoraConfig", **ada_kwargs(arch))
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     assert any(".ranknum.default" in k for k in ours.state_dict())
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
@@ -61,39 +50,22 @@ def test_same_parameters_as_peft(arch, make_model):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_peft_checkpoint_loads_here(arch, make_model, make_inputs, run_model, tmp_path):
-    theirs = peft_model(make_model(arch), **ada_kwargs(arch))
+def test_peft_checkpoint_loads_here(arch, make_model, peft_oracle, tmp_path, check_peft_checkpoint_loads_here):
+    theirs = peft_oracle(make_model(arch), "AdaLoraConfig", **ada_kwargs(arch))
     set_singular_values(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = fastpeft.PeftModel.from_pretrained(make_model(arch), tmp_path)
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        expected = run_model(theirs, inputs)
-        torch.testing.assert_close(run_model(ours, inputs), expected, **TOL)
-        assert not torch.allclose(run_model(make_model(arch), inputs), expected, atol=1e-3)
-    assert not any(p.requires_grad for p in ours.parameters())
+    check_peft_checkpoint_loads_here(theirs, arch, tmp_path)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_checkpoint_loads_in_peft(arch, make_model, make_inputs, run_model, tmp_path):
-    ours, theirs = pair(arch, make_model)
-    ours.save_pretrained(tmp_path / "ours")
-    theirs.save_pretrained(tmp_path / "theirs")
-    mine, ref = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(tmp_path / "theirs/adapter_model.safetensors")
+def test_checkpoint_loads_in_peft(arch, oracle_twins, tmp_path, check_files_match_peft, check_peft_loads_ours):
+    ours, theirs = pair(arch, oracle_twins)
+    mine, ref = check_files_match_peft(ours, theirs, tmp_path)
     assert mine.keys() == ref.keys() and not any("ranknum" in k for k in mine)
-    for key in ref:
-        torch.testing.assert_close(mine[key], ref[key], rtol=0, atol=0)
-    assert peft.PeftConfig.from_pretrained(tmp_path / "ours").to_dict() == peft.PeftConfig.from_pretrained(tmp_path / "theirs").to_dict()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = peft.PeftModel.from_pretrained(make_model(arch), tmp_path / "ours").eval()
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        torch.testing.assert_close(run_model(loaded, inputs), run_model(ours, inputs), **TOL)
+    check_peft_loads_ours(ours, arch, tmp_path / "ours")
 
 
-def test_merge_and_unload_match_peft(make_model, make_inputs, run_model):
-    ours, theirs = pair("llama", make_model)
+def test_merge_and_unload_match_peft(oracle_twins, make_inputs, run_model):
+    ours, theirs = pair("llama", oracle_twins)
     inputs = make_inputs("llama")
     with torch.no_grad():
         unmerged = run_model(ours, inputs)
@@ -106,23 +78,12 @@ def test_merge_and_unload_match_peft(make_model, make_inputs, run_model):
                                    run_model(theirs.merge_and_unload(), inputs), **TOL)
 
 
-def test_fused_kernel_path_matches_peft(triton_backend, make_model, make_inputs, run_model):
-    ours, theirs = pair("llama", make_model)
-    inputs = make_inputs("llama", batch=1, seq=5)
-    with torch.no_grad():
-        torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-4, atol=1e-5)
-    ours.train()
-    theirs.train()
-    for model in (ours, theirs):
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+def test_fused_kernel_path_matches_peft(triton_backend, oracle_twins, check_fused_path_matches_peft):
+    check_fused_path_matches_peft(*pair("llama", oracle_twins), grad_atol=1e-6)
 
 
-def test_orthogonal_regulariser_is_added_like_peft(make_model, make_inputs):
-    ours, theirs = pair("llama", make_model, orth_reg_weight=0.7)
+def test_orthogonal_regulariser_is_added_like_peft(oracle_twins, make_inputs):
+    ours, theirs = pair("llama", oracle_twins, orth_reg_weight=0.7)
     inputs = make_inputs("llama")
     with torch.no_grad():
         mine = ours(**inputs, labels=inputs["input_ids"]).loss
@@ -133,11 +94,11 @@ def test_orthogonal_regulariser_is_added_like_peft(make_model, make_inputs):
         assert not torch.allclose(ours(**inputs, labels=inputs["input_ids"]).loss, mine)
 
 
-def test_training_run_allocates_the_same_ranks_as_peft(make_model, make_inputs, run_model, tmp_path):
+def test_training_run_allocates_the_same_ranks_as_peft(make_model, oracle_twins, make_inputs, run_model, tmp_path):
     """Same init, data and plain SGD: same budget each step, same masks, same shrunk checkpoint."""
     arch = "llama"
     kwargs = ada_kwargs(arch, tinit=2, tfinal=3, total_step=10, deltaT=2, target_modules=["q_proj", "v_proj"])
-    ours, theirs = pair(arch, make_model, nontrivial=False, **kwargs)  # PEFT's init: E = 0
+    ours, theirs = pair(arch, oracle_twins, nontrivial=False, **kwargs)  # PEFT's init: E = 0
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (ours, theirs)]
     allocators = ours.base_model.rankallocator, theirs.base_model.rankallocator
     assert (allocators[0].init_bgt, allocators[0].target_bgt) == (allocators[1].init_bgt, allocators[1].target_bgt) == (24, 8)

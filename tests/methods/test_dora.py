@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fastpeft
 
@@ -23,12 +22,6 @@ def dora_kwargs(arch, **extra):
     return {**dict(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, **ARCHS[arch]), **extra}
 
 
-def peft_model(base, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(base, peft.LoraConfig(**kwargs)).eval()
-
-
 def perturb_magnitudes(model, seed=0):
     """Move m away from its init (= the norm) so the DoRA factor is not 1 anywhere."""
     g = torch.Generator().manual_seed(seed)
@@ -38,21 +31,16 @@ def perturb_magnitudes(model, seed=0):
                 p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
 
 
-def pair(arch, make_model, **extra):
+def pair(arch, oracle_twins, **extra):
     """Our DoRA model and peft's, eval mode, holding the same (non-trivial) adapter weights."""
-    kwargs = dora_kwargs(arch, **extra)
-    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs)).eval()
-    perturb_magnitudes(ours)
-    theirs = peft_model(make_model(arch), **kwargs)
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
+    return oracle_twins(arch, "LoraConfig", prepare=perturb_magnitudes, **dora_kwargs(arch, **extra))
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_same_parameters_and_initial_magnitude_as_peft(arch, make_model):
+def test_same_parameters_and_initial_magnitude_as_peft(arch, make_model, peft_oracle):
     kwargs = dora_kwargs(arch, init_lora_weights=True)  # B = 0: m = ||W|| whatever A is
     ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs))
-    theirs = peft_model(make_model(arch), **kwargs)
+    theirs = peft_oracle(make_model(arch), "LoraConfig", **kwargs)
     mine, ref = ours.state_dict(), theirs.state_dict()
     assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in ref.items()}
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
@@ -65,39 +53,21 @@ def test_same_parameters_and_initial_magnitude_as_peft(arch, make_model):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_peft_checkpoint_loads_here(arch, make_model, make_inputs, run_model, tmp_path):
-    ours_src, theirs = pair(arch, make_model)
-    theirs.save_pretrained(tmp_path)
-    ours = fastpeft.PeftModel.from_pretrained(make_model(arch), tmp_path)
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        expected = run_model(theirs, inputs)
-        torch.testing.assert_close(run_model(ours, inputs), expected, **TOL)
-        assert not torch.allclose(run_model(make_model(arch), inputs), expected, atol=1e-3)
+def test_peft_checkpoint_loads_here(arch, oracle_twins, tmp_path, check_peft_checkpoint_loads_here):
+    check_peft_checkpoint_loads_here(pair(arch, oracle_twins)[1], arch, tmp_path)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_checkpoint_loads_in_peft(arch, make_model, make_inputs, run_model, tmp_path):
-    ours, theirs = pair(arch, make_model)
-    ours.save_pretrained(tmp_path / "ours")
-    theirs.save_pretrained(tmp_path / "theirs")
-    mine, ref = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(tmp_path / "theirs/adapter_model.safetensors")
-    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in ref.items()}
+def test_checkpoint_loads_in_peft(arch, oracle_twins, tmp_path, check_files_match_peft, check_peft_loads_ours):
+    ours, theirs = pair(arch, oracle_twins)
+    mine, _ = check_files_match_peft(ours, theirs, tmp_path)
     assert any(k.endswith(".lora_magnitude_vector") for k in mine)
-    for key in ref:
-        torch.testing.assert_close(mine[key], ref[key], rtol=0, atol=0)
-    assert peft.PeftConfig.from_pretrained(tmp_path / "ours").to_dict() == peft.PeftConfig.from_pretrained(tmp_path / "theirs").to_dict()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = peft.PeftModel.from_pretrained(make_model(arch), tmp_path / "ours").eval()
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        torch.testing.assert_close(run_model(loaded, inputs), run_model(ours, inputs), **TOL)
+    check_peft_loads_ours(ours, arch, tmp_path / "ours")
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_merge_unmerge_and_unload_match_peft(arch, make_model, make_inputs, run_model):
-    ours, theirs = pair(arch, make_model)
+def test_merge_unmerge_and_unload_match_peft(arch, make_model, make_inputs, run_model, oracle_twins):
+    ours, theirs = pair(arch, oracle_twins)
     inputs = make_inputs(arch)
     with torch.no_grad():
         unmerged = run_model(ours, inputs)
@@ -141,8 +111,8 @@ def test_merging_dora_after_another_adapter_uses_the_unmerged_norm(make_model, m
 
 
 @pytest.mark.parametrize("arch,dropout", [("llama", 0.0), ("gpt2", 0.0), ("bert", 0.0), ("llama", 0.25)])
-def test_training_step_gradients_match_peft(arch, dropout, make_model, make_inputs):
-    ours, theirs = pair(arch, make_model, lora_dropout=dropout)
+def test_training_step_gradients_match_peft(arch, dropout, oracle_twins, make_inputs):
+    ours, theirs = pair(arch, oracle_twins, lora_dropout=dropout)
     ours.train()
     theirs.train()
     inputs = make_inputs(arch)
@@ -161,8 +131,8 @@ def test_training_step_gradients_match_peft(arch, dropout, make_model, make_inpu
         torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_eval_cache_is_reused_and_invalidated_by_every_input(make_model, make_inputs, run_model):
-    ours, theirs = pair("llama", make_model)
+def test_eval_cache_is_reused_and_invalidated_by_every_input(oracle_twins, make_inputs, run_model):
+    ours, theirs = pair("llama", oracle_twins)
     inputs = make_inputs("llama")
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     magnitude = layer.lora_magnitude_vector["default"]
@@ -184,24 +154,13 @@ def test_eval_cache_is_reused_and_invalidated_by_every_input(make_model, make_in
     assert magnitude._factor is None and magnitude._norm is None
 
 
-def test_fused_kernel_path_matches_peft(triton_backend, make_model, make_inputs, run_model):
+def test_fused_kernel_path_matches_peft(triton_backend, oracle_twins, check_fused_path_matches_peft):
     """Forward and a training step through the Triton kernel (interpreter on a CPU)."""
-    ours, theirs = pair("llama", make_model)
-    inputs = make_inputs("llama", batch=1, seq=5)
-    with torch.no_grad():
-        torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-4, atol=1e-5)
-    ours.train()
-    theirs.train()
-    for model in (ours, theirs):
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5)
+    check_fused_path_matches_peft(*pair("llama", oracle_twins), grad_atol=1e-5)
 
 
-def test_mixed_adapter_batch_with_dora_is_refused(make_model, make_inputs):
-    ours, _ = pair("llama", make_model)
+def test_mixed_adapter_batch_with_dora_is_refused(oracle_twins, make_inputs):
+    ours, _ = pair("llama", oracle_twins)
     inputs = make_inputs("llama")
     with pytest.raises((NotImplementedError, ValueError), match="adapter_names"):
         ours(**inputs, adapter_names=["default", "__base__"])

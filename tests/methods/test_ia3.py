@@ -1,7 +1,6 @@
 """IA3 against real `peft` as the oracle: structure, checkpoints both ways, merge, training, on the
 tiny Llama and GPT-2 and the real MiniLM BERT, with PEFT's default targets per architecture."""
 
-import warnings
 
 import pytest
 import torch
@@ -15,25 +14,15 @@ ARCHS = ["llama", "gpt2", "bert"]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def peft_model(base, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(base, peft.IA3Config(**kwargs)).eval()
-
-
-def twins(arch, make_model, **kwargs):
+def twins(arch, oracle_twins, **kwargs):
     """(ours, theirs) on identical bases with identical random (non-identity) IA3 vectors."""
-    kwargs = dict(init_ia3_weights=False, **kwargs)
     torch.manual_seed(0)
-    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.IA3Config(**kwargs)).eval()
-    theirs = peft_model(make_model(arch), **kwargs)
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
+    return oracle_twins(arch, "IA3Config", init_ia3_weights=False, **kwargs)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_same_modules_parameters_and_outputs_as_peft(arch, make_model, make_inputs, run_model):
-    ours, theirs = twins(arch, make_model)
+def test_same_modules_parameters_and_outputs_as_peft(arch, make_model, make_inputs, run_model, oracle_twins):
+    ours, theirs = twins(arch, oracle_twins)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
         n for n, p in theirs.named_parameters() if p.requires_grad
@@ -54,23 +43,15 @@ def test_identity_at_init(arch, make_model, make_inputs, run_model):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_checkpoints_both_ways(arch, make_model, make_inputs, run_model, tmp_path):
-    ours, theirs = twins(arch, make_model)
-    theirs.save_pretrained(tmp_path / "theirs")
-    ours.save_pretrained(tmp_path / "ours")
-    mine, ref = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(tmp_path / "theirs/adapter_model.safetensors")
+def test_checkpoints_both_ways(arch, make_model, make_inputs, run_model, tmp_path, oracle_twins,
+                               check_files_match_peft, check_peft_loads_ours):
+    ours, theirs = twins(arch, oracle_twins)
+    mine, ref = check_files_match_peft(ours, theirs, tmp_path)
     assert mine.keys() == ref.keys() and all(k.endswith(".ia3_l") for k in mine)
-    for key in ref:
-        torch.testing.assert_close(mine[key], ref[key], rtol=0, atol=0)
-    assert peft.PeftConfig.from_pretrained(tmp_path / "ours").to_dict() == peft.PeftConfig.from_pretrained(
-        tmp_path / "theirs"
-    ).to_dict()
 
     inputs = make_inputs(arch)
     loaded = fastpeft.PeftModel.from_pretrained(make_model(arch), tmp_path / "theirs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        in_peft = peft.PeftModel.from_pretrained(make_model(arch), tmp_path / "ours").eval()
+    in_peft = check_peft_loads_ours(ours, arch, tmp_path / "ours")
     with torch.no_grad():
         expected = run_model(theirs, inputs)
         torch.testing.assert_close(run_model(loaded, inputs), expected, **TOL)
@@ -82,58 +63,25 @@ def test_checkpoints_both_ways(arch, make_model, make_inputs, run_model, tmp_pat
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_merge_unmerge_and_unload_match_peft(arch, make_model, make_inputs, run_model):
-    ours, theirs = twins(arch, make_model)
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        unmerged = run_model(ours, inputs)
-        with ours.disable_adapter():
-            torch.testing.assert_close(run_model(ours, inputs), run_model(make_model(arch), inputs))
-        ours.merge_adapter()
-        torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-4, atol=1e-5)
-        ours.unmerge_adapter()
-        torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-4, atol=1e-5)
-        merged = ours.merge_and_unload()
-        assert not any("ia3_" in n for n, _ in merged.named_parameters())
-        assert type(merged) is type(make_model(arch))
-        theirs_merged = theirs.merge_and_unload()
-        torch.testing.assert_close(run_model(merged, inputs), run_model(theirs_merged, inputs), **TOL)
-        for (n, p), (n2, q) in zip(merged.state_dict().items(), theirs_merged.state_dict().items()):
-            assert n == n2
-            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+def test_merge_unmerge_and_unload_match_peft(arch, oracle_twins, check_merge_matches_peft):
+    merged, theirs_merged = check_merge_matches_peft(*twins(arch, oracle_twins), arch, "ia3_",
+                                                     unmerge_tol=dict(rtol=1e-4, atol=1e-5))
+    for (n, p), (n2, q) in zip(merged.state_dict().items(), theirs_merged.state_dict().items()):
+        assert n == n2
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_training_step_matches_peft_and_touches_only_ia3(arch, make_model, make_inputs):
-    ours, theirs = twins(arch, make_model)
-    ours.train(), theirs.train()
-    inputs = make_inputs(arch)
-    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
-    for model in (ours, theirs):
-        torch.manual_seed(0)  # GPT-2's own dropouts draw the same masks in both
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
-    torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1).step()
-    changed = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
+def test_training_step_matches_peft_and_touches_only_ia3(arch, oracle_twins, check_training_step_matches_peft):
+    ours, theirs = twins(arch, oracle_twins)
+    changed = check_training_step_matches_peft(ours.train(), theirs.train(), arch)
     assert changed and all(".ia3_l." in n for n in changed)
 
 
-def test_training_reduces_loss_through_the_kernels(make_model, make_inputs, triton_backend):
+def test_training_reduces_loss_through_the_kernels(make_model, make_inputs, triton_backend, adam_steps):
     """A few steps through the Triton kernels (interpreter) on the tiny Llama: loss goes down."""
     model = fastpeft.get_peft_model(make_model("llama"), fastpeft.IA3Config()).train()
-    inputs = make_inputs("llama", batch=1, seq=5)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad()
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    adam_steps(model, make_inputs("llama", batch=1, seq=5), lr=0.05, steps=3)  # asserts the loss goes down
 
 
 def test_bad_configs():

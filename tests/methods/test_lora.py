@@ -22,14 +22,14 @@ def lora_kwargs(arch, **extra):
     return dict(r=4, lora_alpha=8, init_lora_weights=False, **ARCHS[arch], **extra)
 
 
-def peft_model(base, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(base, peft.LoraConfig(**kwargs)).eval()
+@pytest.fixture
+def peft_model(peft_oracle):
+    """`peft_model(base, **kwargs)`: peft's LoRA model of those settings."""
+    return lambda base, **kwargs: peft_oracle(base, "LoraConfig", **kwargs)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_same_modules_and_parameters_as_peft(arch, make_model):
+def test_same_modules_and_parameters_as_peft(arch, make_model, peft_model):
     kwargs = lora_kwargs(arch)
     ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs))
     theirs = peft_model(make_model(arch), **kwargs)
@@ -40,62 +40,25 @@ def test_same_modules_and_parameters_as_peft(arch, make_model):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_peft_checkpoint_loads_here(arch, make_model, make_inputs, run_model, tmp_path):
-    theirs = peft_model(make_model(arch), **lora_kwargs(arch))
-    theirs.save_pretrained(tmp_path)
-    ours = fastpeft.PeftModel.from_pretrained(make_model(arch), tmp_path)
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        expected = run_model(theirs, inputs)
-        torch.testing.assert_close(run_model(ours, inputs), expected, rtol=1e-5, atol=1e-5)
-        base = run_model(make_model(arch), inputs)
-    assert not torch.allclose(base, expected, atol=1e-3), "the adapter must change the output"
-    assert not any(p.requires_grad for p in ours.parameters()), "is_trainable=False loads frozen"
+def test_peft_checkpoint_loads_here(arch, make_model, peft_model, tmp_path, check_peft_checkpoint_loads_here):
+    check_peft_checkpoint_loads_here(peft_model(make_model(arch), **lora_kwargs(arch)), arch, tmp_path)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_checkpoint_loads_in_peft(arch, make_model, make_inputs, run_model, tmp_path):
+def test_checkpoint_loads_in_peft(arch, make_model, peft_model, tmp_path, check_files_match_peft,
+                                  check_peft_loads_ours):
     kwargs = lora_kwargs(arch, use_rslora=True)
     ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs))
-    ours.save_pretrained(tmp_path / "ours")
-    peft_model(make_model(arch), **kwargs).save_pretrained(tmp_path / "theirs")
-
-    mine, ref = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(tmp_path / "theirs/adapter_model.safetensors")
-    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in ref.items()}
-    assert peft.PeftConfig.from_pretrained(tmp_path / "ours").to_dict() == peft.PeftConfig.from_pretrained(tmp_path / "theirs").to_dict()
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(make_model(arch), tmp_path / "ours").eval()
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        torch.testing.assert_close(run_model(theirs, inputs), run_model(ours.eval(), inputs), rtol=1e-5, atol=1e-5)
+    check_files_match_peft(ours, peft_model(make_model(arch), **kwargs), tmp_path, exact=False)  # other weights
+    check_peft_loads_ours(ours.eval(), arch, tmp_path / "ours")
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_merge_disable_and_unload_match_peft(arch, make_model, make_inputs, run_model):
-    kwargs = lora_kwargs(arch)
-    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs)).eval()
-    theirs = peft_model(make_model(arch), **kwargs)
-    theirs.load_state_dict(ours.state_dict())
-    inputs = make_inputs(arch)
-    with torch.no_grad():
-        unmerged = run_model(ours, inputs)
-        torch.testing.assert_close(unmerged, run_model(theirs, inputs), rtol=1e-5, atol=1e-5)
-        with ours.disable_adapter(), theirs.disable_adapter():
-            torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(run_model(ours, inputs), run_model(make_model(arch), inputs))
-        ours.merge_adapter()
-        torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-4, atol=1e-5)
-        ours.unmerge_adapter()
-        torch.testing.assert_close(run_model(ours, inputs), unmerged, rtol=1e-5, atol=1e-5)
-        merged = ours.merge_and_unload()
-        assert not any("lora_" in n for n, _ in merged.named_parameters())
-        assert type(merged) is type(make_model(arch))
-        torch.testing.assert_close(run_model(merged, inputs), run_model(theirs.merge_and_unload(), inputs), rtol=1e-5, atol=1e-5)
+def test_merge_disable_and_unload_match_peft(arch, oracle_twins, check_merge_matches_peft):
+    check_merge_matches_peft(*oracle_twins(arch, "LoraConfig", **lora_kwargs(arch)), arch, "lora_")
 
 
-def test_multiple_adapters_switch_like_peft(make_model, make_inputs, run_model, tmp_path):
+def test_multiple_adapters_switch_like_peft(make_model, make_inputs, run_model, tmp_path, peft_model):
     arch = "llama"
     a = peft_model(make_model(arch), **lora_kwargs(arch))
     a.save_pretrained(tmp_path / "a")
@@ -136,7 +99,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_config_semantics_match_peft(name, make_model, make_inputs, run_model, tmp_path):
+def test_config_semantics_match_peft(name, make_model, make_inputs, run_model, tmp_path, peft_model):
     arch, extra = CONFIGS[name]
     kwargs = dict(r=4, lora_alpha=8, **extra)
     ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs))
@@ -162,26 +125,13 @@ def test_config_semantics_match_peft(name, make_model, make_inputs, run_model, t
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_training_step_matches_peft_and_touches_only_adapters(arch, make_model, make_inputs):
-    kwargs = lora_kwargs(arch, lora_dropout=0.0)
-    ours = fastpeft.get_peft_model(make_model(arch), fastpeft.LoraConfig(**kwargs)).train()
-    theirs = peft_model(make_model(arch), **kwargs).train()
-    theirs.load_state_dict(ours.state_dict())
-    inputs = make_inputs(arch)
-    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
-    for model in (ours, theirs):
-        torch.manual_seed(0)  # GPT-2's own dropouts draw the same masks in both
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
-    torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1).step()
-    changed = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
+def test_training_step_matches_peft_and_touches_only_adapters(arch, oracle_twins, check_training_step_matches_peft):
+    ours, theirs = oracle_twins(arch, "LoraConfig", **lora_kwargs(arch, lora_dropout=0.0))
+    changed = check_training_step_matches_peft(ours.train(), theirs.train(), arch)
     assert changed and all(".lora_A." in n or ".lora_B." in n for n in changed)
 
 
-def test_sequence_classification_saves_the_head_like_peft(make_model, tmp_path):
+def test_sequence_classification_saves_the_head_like_peft(make_model, tmp_path, peft_model):
     from transformers import BertConfig, BertForSequenceClassification
 
     def fresh():
@@ -202,7 +152,7 @@ def test_sequence_classification_saves_the_head_like_peft(make_model, tmp_path):
     ).keys()
 
 
-def test_second_all_linear_adapter_targets_the_wrapped_layers_like_peft(make_model):
+def test_second_all_linear_adapter_targets_the_wrapped_layers_like_peft(make_model, peft_model):
     kwargs = dict(r=4, target_modules=["q_proj", "v_proj"])
     ours = fastpeft.get_peft_model(make_model("llama"), fastpeft.LoraConfig(**kwargs))
     theirs = peft_model(make_model("llama"), **kwargs)

@@ -5,11 +5,8 @@ only the prefix and the adapters, bit-exact save/load in the documented layout (
 GPT-2, and the real MiniLM BERT as a SEQ_CLS classifier), generate, the adapter lifecycle, and the
 errors the issue asks for."""
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fastpeft
 from fastpeft.methods.adapter import BottleneckAdapterLayer
@@ -81,89 +78,53 @@ def test_training_reduces_the_loss_and_changes_only_prefix_and_adapters(arch, pl
 
 
 @pytest.mark.parametrize("arch", ALL)
-def test_save_load_round_trip_is_bit_exact(arch, pl_base_model, pl_inputs, tmp_path, pl_perturb):
+def test_save_load_round_trip_is_bit_exact(arch, pl_base_model, tmp_path, pl_round_trip):
     model = mam(pl_base_model, arch, prefix_projection=True, non_linearity="gelu", bottleneck_size=5)
-    pl_perturb(model)
-    inputs = pl_inputs(arch)
-    expected = logits(model, inputs)
-    model.save_pretrained(tmp_path)
 
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    ffn, layers, hidden = FFN[arch].format(1), LAYERS[arch], HIDDEN[arch]
-    assert saved["prompt_embeddings"].shape == (3, 2 * layers * model.active_peft_config.token_dim)
-    assert saved[f"base_model.{ffn}.adapter_down.weight"].shape == (5, hidden)
-    assert saved[f"base_model.{ffn}.adapter_up.weight"].shape == (hidden, 5)
-    heads = {"base_model.classifier.weight", "base_model.classifier.bias"} if arch == "bert" else set()
-    assert heads <= saved.keys() and len(saved) == 1 + layers * 4 + len(heads)
-    assert all(v.dtype == torch.float32 for v in saved.values())
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "MAM" and config["bottleneck_size"] == 5 and config["inference_mode"] is True
+    def check_saved(saved, config):
+        ffn, layers, hidden = FFN[arch].format(1), LAYERS[arch], HIDDEN[arch]
+        assert saved["prompt_embeddings"].shape == (3, 2 * layers * model.active_peft_config.token_dim)
+        assert saved[f"base_model.{ffn}.adapter_down.weight"].shape == (5, hidden)
+        assert saved[f"base_model.{ffn}.adapter_up.weight"].shape == (hidden, 5)
+        heads = {"base_model.classifier.weight", "base_model.classifier.bias"} if arch == "bert" else set()
+        assert heads <= saved.keys() and len(saved) == 1 + layers * 4 + len(heads)
+        assert all(v.dtype == torch.float32 for v in saved.values())
+        assert config["peft_type"] == "MAM" and config["bottleneck_size"] == 5 and config["inference_mode"] is True
 
-    loaded = fastpeft.PeftModel.from_pretrained(pl_base_model(arch), tmp_path)
-    assert isinstance(loaded, fastpeft.MAMModel) and not any(p.requires_grad for p in loaded.parameters())
-    assert torch.equal(logits(loaded, inputs), expected)
-    again = loaded._adapter_state_dict("default")
-    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
-
-    model.load_adapter(tmp_path, adapter_name="copy")  # a second adapter, switched to by name
-    model.set_adapter("copy")
-    assert torch.equal(logits(model, inputs), expected)
+    pl_round_trip(model, arch, tmp_path, fastpeft.MAMModel, check_saved)
 
 
-def test_a_checkpoint_that_does_not_fit_is_refused_with_the_model_unchanged(make_model, tmp_path):
-    mam(make_model, "llama", bottleneck_size=5).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "bottleneck_size": 6}))
-    base = make_model("llama")
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(ValueError, match="shape mismatches .*adapter_down.weight: checkpoint \\(5, 32\\) vs model \\(6, 32\\)"):
-        fastpeft.PeftModel.from_pretrained(base, tmp_path)
-    assert base.state_dict().keys() == state.keys() and all(torch.equal(base.state_dict()[k], v) for k, v in state.items())
+def test_a_checkpoint_that_does_not_fit_is_refused_with_the_model_unchanged(make_model, tmp_path,
+                                                                             pl_check_refused_checkpoint):
     model = mam(make_model, "llama")
-    with pytest.raises(ValueError, match="does not fit"):
-        model.load_adapter(tmp_path, adapter_name="bad")
-    assert list(model.peft_config) == ["default"] and all(m.adapters == ["default"] for _, m in model.bottleneck.adapter_layers())
+    pl_check_refused_checkpoint(mam(make_model, "llama", bottleneck_size=5), make_model("llama"), model, tmp_path,
+                                {"bottleneck_size": 6},
+                                "shape mismatches .*adapter_down.weight: checkpoint \\(5, 32\\) vs model \\(6, 32\\)")
+    assert all(m.adapters == ["default"] for _, m in model.bottleneck.adapter_layers())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_greedy_by_forward, pl_perturb):
+def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_perturb, pl_check_own_generate):
     """First and later steps: the prefix sits in the cache once, the adapters run at every step."""
     model = mam(make_model, arch)
     pl_perturb(model)
-    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(7))
-    expected, step_logits = pl_greedy_by_forward(model, ids, 4)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                         pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
-    assert torch.equal(out.sequences, expected)
-    for step, (score, ref) in enumerate(zip(out.scores, step_logits)):
-        torch.testing.assert_close(score, ref, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+    pl_check_own_generate(model)
 
 
-def test_adapter_lifecycle(make_model, pl_inputs, pl_perturb):
+def test_adapter_lifecycle(make_model, pl_inputs, pl_check_lifecycle):
     """Disable, switch, delete and unload act on the prefix and the adapters together."""
     inputs = pl_inputs("llama")
     base = logits(make_model("llama"), inputs)
     model = mam(make_model, "llama")
-    pl_perturb(model)
-    default = logits(model, inputs)
-    with model.disable_adapter():
-        assert torch.equal(logits(model, inputs), base)
-    assert torch.equal(logits(model, inputs), default)
-
-    model.add_adapter("other", fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, bottleneck_size=3))
-    assert model.active_adapter == "default"
-    model.set_adapter("other")
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".other." in n for n in trainable)
-    model.delete_adapter("other")
-    assert model.active_adapter == "default" and torch.equal(logits(model, inputs), default)
+    pl_check_lifecycle(model, inputs, base,
+                       fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, bottleneck_size=3))
 
     plain = model.unload()
     assert not any(isinstance(m, BottleneckAdapterLayer) for m in plain.modules())
     assert torch.equal(logits(plain, inputs), base)
 
 
-def test_errors(make_model, pl_inputs):
+def test_errors(make_model, pl_check_composite_refusals):
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer, got 0"):
         fastpeft.MAMConfig(num_virtual_tokens=0)
     with pytest.raises(ValueError, match="MAMConfig needs its prefix part"):
@@ -177,17 +138,6 @@ def test_errors(make_model, pl_inputs):
         fastpeft.get_peft_model(base, fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, reduction_factor=64))
     assert not any(isinstance(m, BottleneckAdapterLayer) for m in base.modules())
 
-    model = mam(make_model, "llama")
-    for call in (model.merge_and_unload, model.merge_adapter):
-        with pytest.raises(ValueError, match="MAM adapters cannot be merged"):
-            call()
-    with pytest.raises(NotImplementedError, match="mixed-adapter batches"):
-        model(**pl_inputs("llama"), adapter_names=["default", "default"])
-    with pytest.raises(ValueError, match="cannot add a PREFIX_TUNING adapter to a model holding MAM adapters"):
-        model.add_adapter("p", fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
-    with pytest.raises(ValueError, match="reduction_factor=64 leaves a zero-width bottleneck"):
-        model.add_adapter("z", fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, reduction_factor=64))
-    assert list(model.peft_config) == ["default"] and list(model.prompt_encoder) == ["default"]
-    prefix = fastpeft.get_peft_model(make_model("llama"), fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
-    with pytest.raises(ValueError, match="a MAM adapter needs its own model class"):
-        prefix.add_adapter("m", fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model = mam(make_model, "llama")  # (the error strings: "MAM adapters cannot be merged", "cannot add a
+    # PREFIX_TUNING adapter to a model holding MAM adapters", "a MAM adapter needs its own model class")
+    pl_check_composite_refusals(model, "MAM", fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))

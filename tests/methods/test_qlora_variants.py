@@ -122,17 +122,9 @@ def test_dora_training_gradients_match_peft(dropout, nf4, make_inputs):
         torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_dora_fused_kernel_path_matches_peft(triton_backend, nf4, make_inputs, run_model):
+def test_dora_fused_kernel_path_matches_peft(triton_backend, nf4, check_fused_path_matches_peft):
     """Forward and a training step through the NF4 Triton kernel (interpreter on a CPU)."""
-    ours, theirs = dora_pair(nf4)
-    inputs = make_inputs("llama", batch=1, seq=5)
-    with torch.no_grad():
-        torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-4, atol=1e-5)
-    ours.train()
-    torch.testing.assert_close(_train_step(ours, inputs), _train_step(theirs, inputs), rtol=1e-4, atol=1e-5)
-    ref = _grads(theirs)
-    for name, grad in _grads(ours).items():
-        torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    check_fused_path_matches_peft(*dora_pair(nf4), grad_atol=1e-5)
 
 
 def test_dora_eval_cache_is_keyed_on_the_codes(nf4, make_inputs, run_model, monkeypatch):
@@ -158,22 +150,14 @@ def test_dora_eval_cache_is_keyed_on_the_codes(nf4, make_inputs, run_model, monk
 
 def test_dora_merge_and_unmerge_requantize(nf4, make_inputs, run_model):
     ours, _ = dora_pair(nf4)
-    inputs = make_inputs("llama")
-    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    inputs, layer, unmerged = _merge_setup(ours, make_inputs, run_model)
     with torch.no_grad():
-        unmerged = run_model(ours, inputs)
         w = layer.base_weight()
         direction = w + layer.get_delta_weight("default")
         m = layer.lora_magnitude_vector["default"].weight
         exact = (m / torch.linalg.norm(direction, dim=1))[:, None] * direction  # DoRA's merged weight
-        with pytest.warns(UserWarning, match="re-quantizes"):
-            ours.merge_adapter()
-        got = layer.base_layer.dequantize(torch.float32)
-        want = ops.nf4_dequantize(_requantized(layer.base_layer, exact))
-        assert torch.equal(got, want), "the merge must store the NF4 codes of the exact DoRA merge"
+        got = _merge_requantized(ours, layer, exact, run_model, inputs, unmerged)  # DoRA's exact merge
         assert layer.merge_error["default"] == pytest.approx((got - exact).abs().max().item())
-        merged = run_model(ours, inputs)
-        assert 0 < (merged - unmerged).abs().max() < 0.2  # re-quantized: close, not equal
         ours.unmerge_adapter()
         assert (layer.base_weight() - w).abs().max() < 0.1  # back, up to two re-quantizations
         after = run_model(ours, inputs)
@@ -185,6 +169,25 @@ def test_dora_merge_and_unmerge_requantize(nf4, make_inputs, run_model):
         with pytest.warns(UserWarning, match="re-quantizes"):
             plain = ours.merge_and_unload()
         assert isinstance(plain.model.layers[0].self_attn.q_proj, Linear4bit)
+
+
+def _merge_setup(ours, make_inputs, run_model):
+    """(inputs, the first layer's q_proj, the unmerged output) for a merge test."""
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        return inputs, ours.base_model.model.model.layers[0].self_attn.q_proj, run_model(ours, inputs)
+
+
+def _merge_requantized(ours, layer, exact, run_model, inputs, unmerged):
+    """Merge (warned: it re-quantizes): `layer` then stores the NF4 codes of the `exact` merged
+    weight, and the output moves, but little; returns the stored weight, dequantized."""
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        ours.merge_adapter()
+    got = layer.base_layer.dequantize(torch.float32)
+    want = ops.nf4_dequantize(_requantized(layer.base_layer, exact))
+    assert torch.equal(got, want), "the merge must store the NF4 codes of the exact merge"
+    assert 0 < (run_model(ours, inputs) - unmerged).abs().max() < 0.2  # re-quantized: close, not equal
+    return got
 
 
 def _requantized(base, weight):
@@ -269,30 +272,16 @@ def test_adalora_training_allocates_the_same_ranks_as_peft(nf4, make_inputs, run
         torch.testing.assert_close(run_model(there, inputs), run_model(ours.eval(), inputs), rtol=1e-4, atol=1e-5)
 
 
-def test_adalora_fused_kernel_path_matches_peft(triton_backend, nf4, make_inputs, run_model):
-    ours, theirs = ada_pair(nf4)
-    inputs = make_inputs("llama", batch=1, seq=5)
-    with torch.no_grad():
-        torch.testing.assert_close(run_model(ours, inputs), run_model(theirs, inputs), rtol=1e-4, atol=1e-5)
-    ours.train()
-    torch.testing.assert_close(_train_step(ours, inputs), _train_step(theirs, inputs), rtol=1e-4, atol=1e-5)
-    ref = _grads(theirs)
-    for name, grad in _grads(ours).items():
-        torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+def test_adalora_fused_kernel_path_matches_peft(triton_backend, nf4, check_fused_path_matches_peft):
+    check_fused_path_matches_peft(*ada_pair(nf4), grad_atol=1e-6)
 
 
 def test_adalora_merge_on_nf4_requantizes(nf4, make_inputs, run_model):
     """peft's SVDLinear4bit cannot merge; here the merge re-quantizes like the QLoRA merge."""
     ours, _ = ada_pair(nf4)
-    inputs = make_inputs("llama")
-    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    inputs, layer, unmerged = _merge_setup(ours, make_inputs, run_model)
     with torch.no_grad():
-        unmerged = run_model(ours, inputs)
         exact = layer.base_weight() + layer.get_delta_weight("default")
-        with pytest.warns(UserWarning, match="re-quantizes"):
-            ours.merge_adapter()
-        assert torch.equal(layer.base_layer.dequantize(torch.float32),
-                           ops.nf4_dequantize(_requantized(layer.base_layer, exact)))
-        assert 0 < (run_model(ours, inputs) - unmerged).abs().max() < 0.2
+        _merge_requantized(ours, layer, exact, run_model, inputs, unmerged)
         ours.unmerge_adapter()
         assert (run_model(ours, inputs) - unmerged).abs().max() < 0.2

@@ -6,7 +6,6 @@ gate open, a zero prefix with it closed), causality and cached decoding, placeme
 arithmetic, training touches only UniPELT's parameters, bit-exact save/load in the documented layout
 (tiny Llama, tiny GPT-2, the real MiniLM BERT), generate, the adapter lifecycle, the errors."""
 
-import json
 import math
 
 import pytest
@@ -267,40 +266,27 @@ def test_training_reduces_the_loss_and_changes_only_unipelt_parameters(arch, pl_
 
 
 @pytest.mark.parametrize("arch", ALL)
-def test_save_load_round_trip_is_bit_exact(arch, pl_base_model, pl_inputs, tmp_path, pl_perturb):
+def test_save_load_round_trip_is_bit_exact(arch, pl_base_model, tmp_path, pl_round_trip):
     model = unipelt(pl_base_model, arch, prefix_projection=True, non_linearity="gelu", bottleneck_size=5)
-    pl_perturb(model)
-    inputs = pl_inputs(arch)
-    expected = logits(model, inputs)
-    model.save_pretrained(tmp_path)
 
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    layers, hidden = LAYERS[arch], HIDDEN[arch]
-    ffn, proj = FFN[arch].format(1), LORA[arch][0].format(1)
-    out_f = 3 * hidden if arch == "gpt2" else hidden
-    assert saved["prompt_embeddings"].shape == (3, 2 * layers * model.active_peft_config.token_dim)
-    assert saved["prefix_gate.weight"].shape == (layers, hidden) and saved["prefix_gate.bias"].shape == (layers,)
-    assert saved[f"base_model.{proj}.lora_A.weight"].shape == (4, hidden)
-    assert saved[f"base_model.{proj}.lora_B.weight"].shape == (out_f, 4)
-    assert saved[f"base_model.{proj}.lora_gate.weight"].shape == (1, hidden)
-    assert saved[f"base_model.{ffn}.adapter_down.weight"].shape == (5, hidden)
-    assert saved[f"base_model.{ffn}.adapter_gate.weight"].shape == (1, hidden)
-    heads = 2 if arch == "bert" else 0  # the SEQ_CLS classifier copy
-    n_lora = layers * len(LORA[arch])
-    assert len(saved) == 3 + 4 * n_lora + 6 * layers + heads and all(v.dtype == torch.float32 for v in saved.values())
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "UNIPELT" and config["bottleneck_size"] == 5 and config["r"] == 4
-    assert config["inference_mode"] is True
+    def check_saved(saved, config):
+        layers, hidden = LAYERS[arch], HIDDEN[arch]
+        ffn, proj = FFN[arch].format(1), LORA[arch][0].format(1)
+        out_f = 3 * hidden if arch == "gpt2" else hidden
+        assert saved["prompt_embeddings"].shape == (3, 2 * layers * model.active_peft_config.token_dim)
+        assert saved["prefix_gate.weight"].shape == (layers, hidden) and saved["prefix_gate.bias"].shape == (layers,)
+        assert saved[f"base_model.{proj}.lora_A.weight"].shape == (4, hidden)
+        assert saved[f"base_model.{proj}.lora_B.weight"].shape == (out_f, 4)
+        assert saved[f"base_model.{proj}.lora_gate.weight"].shape == (1, hidden)
+        assert saved[f"base_model.{ffn}.adapter_down.weight"].shape == (5, hidden)
+        assert saved[f"base_model.{ffn}.adapter_gate.weight"].shape == (1, hidden)
+        heads = 2 if arch == "bert" else 0  # the SEQ_CLS classifier copy
+        n_lora = layers * len(LORA[arch])
+        assert len(saved) == 3 + 4 * n_lora + 6 * layers + heads and all(v.dtype == torch.float32 for v in saved.values())
+        assert config["peft_type"] == "UNIPELT" and config["bottleneck_size"] == 5 and config["r"] == 4
+        assert config["inference_mode"] is True
 
-    loaded = fastpeft.PeftModel.from_pretrained(pl_base_model(arch), tmp_path)
-    assert isinstance(loaded, fastpeft.UniPELTModel) and not any(p.requires_grad for p in loaded.parameters())
-    assert torch.equal(logits(loaded, inputs), expected)
-    again = loaded._adapter_state_dict("default")
-    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
-
-    model.load_adapter(tmp_path, adapter_name="copy")  # a second adapter, switched to by name
-    model.set_adapter("copy")
-    assert torch.equal(logits(model, inputs), expected)
+    pl_round_trip(model, arch, tmp_path, fastpeft.UniPELTModel, check_saved)
 
 
 def test_a_checkpoint_with_the_old_scalar_prefix_gate_is_refused(make_model, tmp_path):
@@ -318,58 +304,35 @@ def test_a_checkpoint_with_the_old_scalar_prefix_gate_is_refused(make_model, tmp
     assert base.config._attn_implementation == "sdpa" and not any(s._forward_pre_hooks for s in attention_sites(base))
 
 
-def test_a_checkpoint_that_does_not_fit_is_refused_with_the_model_unchanged(make_model, tmp_path):
-    unipelt(make_model, "llama").save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 6}))
-    base = make_model("llama")
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(ValueError, match="shape mismatches .*lora_A.weight: checkpoint \\(4, 32\\) vs model \\(6, 32\\)"):
-        fastpeft.PeftModel.from_pretrained(base, tmp_path)
-    assert base.state_dict().keys() == state.keys() and all(torch.equal(base.state_dict()[k], v) for k, v in state.items())
+def test_a_checkpoint_that_does_not_fit_is_refused_with_the_model_unchanged(make_model, tmp_path,
+                                                                             pl_check_refused_checkpoint):
     model = unipelt(make_model, "llama")
-    with pytest.raises(ValueError, match="does not fit"):
-        model.load_adapter(tmp_path, adapter_name="bad")
+    pl_check_refused_checkpoint(unipelt(make_model, "llama"), make_model("llama"), model, tmp_path, {"r": 6},
+                                "shape mismatches .*lora_A.weight: checkpoint \\(4, 32\\) vs model \\(6, 32\\)")
     assert list(model.peft_config) == ["default"] and list(model.prefix_gate) == ["default"]
     assert all(m.adapters == ["default"] for _, m in model._layers())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_greedy_by_forward, pl_perturb):
+def test_generate_matches_greedy_decoding_by_forward(arch, make_model, pl_perturb, pl_check_own_generate):
     """First and later steps: the prefix sits in the cache once, each step's query gates it with its own g,
     gated LoRA and adapters run at every step."""
     model = unipelt(make_model, arch, init_lora_weights=False, init_adapter_weights=False)
     pl_perturb(model)
-    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(7))
-    expected, step_logits = pl_greedy_by_forward(model, ids, 4)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                         pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
-    assert torch.equal(out.sequences, expected)
-    for step, (score, ref) in enumerate(zip(out.scores, step_logits)):
-        torch.testing.assert_close(score, ref, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+    pl_check_own_generate(model)
 
 
-def test_adapter_lifecycle(make_model, pl_inputs, pl_perturb):
+def test_adapter_lifecycle(make_model, pl_inputs, pl_check_lifecycle):
     """Disable, switch, delete and unload act on the prefix, its gate, LoRA and the adapters together;
     the attention hooks and implementation go when the last adapter does (delete or unload)."""
     inputs = pl_inputs("llama")
     base = logits(make_model("llama"), inputs)
     model = unipelt(make_model, "llama", init_lora_weights=False, init_adapter_weights=False)
-    pl_perturb(model)
-    default = logits(model, inputs)
-    with model.disable_adapter():  # no prefix: the gated attention runs the original sdpa, exactly
-        assert torch.equal(logits(model, inputs), base)
-    assert torch.equal(logits(model, inputs), default)
-
-    model.add_adapter("other", fastpeft.UniPELTConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, bottleneck_size=3, r=2))
-    assert model.active_adapter == "default"
-    model.set_adapter("other")
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".other." in n for n in trainable)
+    # (disabled, no prefix: the gated attention runs the original sdpa, exactly)
+    trainable = pl_check_lifecycle(
+        model, inputs, base, fastpeft.UniPELTConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, bottleneck_size=3, r=2))
     assert {"prefix_gate.other.weight", "prefix_gate.other.bias"} <= trainable
-    model.delete_adapter("other")
-    assert model.active_adapter == "default" and list(model.prefix_gate) == ["default"]
-    assert torch.equal(logits(model, inputs), default)
+    assert list(model.prefix_gate) == ["default"]
     sites = attention_sites(model.base_model)
     assert all(len(s._forward_pre_hooks) == len(s._forward_hooks) == 1 for s in sites)
 
@@ -384,7 +347,7 @@ def test_adapter_lifecycle(make_model, pl_inputs, pl_perturb):
     assert not any(s._forward_pre_hooks for s in attention_sites(model.base_model))
 
 
-def test_errors(make_model, pl_inputs):
+def test_errors(make_model, pl_inputs, pl_check_composite_refusals):
     with pytest.raises(ValueError, match="UniPELTConfig needs its prefix part"):
         fastpeft.UniPELTConfig()
     with pytest.raises(ValueError, match="`r` should be a positive integer value but the value passed is 0"):
@@ -400,21 +363,9 @@ def test_errors(make_model, pl_inputs):
             fastpeft.get_peft_model(base, fastpeft.UniPELTConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, **bad))
         assert not any(isinstance(m, (GatedLoraLinear, GatedAdapterLayer)) for m in base.modules())
 
-    model = unipelt(make_model, "llama")
-    for call in (model.merge_and_unload, model.merge_adapter):
-        with pytest.raises(ValueError, match="UniPELT adapters cannot be merged"):
-            call()
-    with pytest.raises(NotImplementedError, match="mixed-adapter batches"):
-        model(**pl_inputs("llama"), adapter_names=["default", "default"])
-    with pytest.raises(ValueError, match="cannot add a MAM adapter to a model holding UNIPELT adapters"):
-        model.add_adapter("m", fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
-    with pytest.raises(ValueError, match="reduction_factor=64 leaves a zero-width bottleneck"):
-        model.add_adapter("z", fastpeft.UniPELTConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, reduction_factor=64))
-    assert list(model.peft_config) == ["default"] and list(model.prompt_encoder) == ["default"]
-    assert all(m.adapters == ["default"] for _, m in model._layers())
-    prefix = fastpeft.get_peft_model(make_model("llama"), fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
-    with pytest.raises(ValueError, match="a UNIPELT adapter needs its own model class"):
-        prefix.add_adapter("u", fastpeft.UniPELTConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model = unipelt(make_model, "llama")  # (the error strings: "UniPELT adapters cannot be merged", "cannot add a
+    # MAM adapter to a model holding UNIPELT adapters", "a UNIPELT adapter needs its own model class")
+    pl_check_composite_refusals(model, "UniPELT", fastpeft.MAMConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
 
     model.base_model.config._attn_implementation = "sdpa"  # switched behind the adapter's back: refused, not ungated
     with pytest.raises(RuntimeError, match="ran without fastpeft's gated prefix attention"):

@@ -4,6 +4,7 @@ base); their PyTorch reference, the CPU path and the tests' oracle: `fastpeft/ke
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastpeft.ops._backend import (check_dropout, check_float, check_scale_shapes, check_types,
-                                   describe, kernels, needs_grad, resolve_backend)
+                                   describe, kernels, resolve_backend)
 
 __all__ = ["LoraLinearFunction", "lora_linear"]
 
@@ -174,6 +175,106 @@ class LoraLinearFunction(torch.autograd.Function):
         return dx, dw, db, dA, dB, None, None, de, df, None
 
 
+# -- torch.library: `torch.ops.fastpeft.lora_linear` (+ its dX op), opaque to torch.compile with a
+# fake (meta) kernel and an autograd formula, so a compiled model traces one node per layer.
+def autocast_cast(x: Tensor, *tensors):
+    """Under ``torch.autocast(x.device.type, dtype)``, x and the float `tensors` (None kept) in the
+    autocast dtype (the dtype PEFT's layers compute and return in there); else as given."""
+    dev = x.device.type if isinstance(x, Tensor) else None
+    if dev is None or not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, *tensors))
+
+
+def no_autocast(x: Tensor):
+    """A context in which an op's real kernel runs in its inputs' dtype (autocast is off)."""
+    dev = x.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+
+
+@torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
+def _lora_linear_op(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                    scaling: float, backend: str, rank_scale: Tensor | None,
+                    col_scale: Tensor | None) -> Tensor:
+    """[M, K] -> [M, N]: `fused_fwd` on a dense base (checked inputs, see `lora_linear`)."""
+    with no_autocast(x2d):
+        return fused_fwd(backend, None, x2d, weight, bias, lora_A, lora_B, scaling, rank_scale, col_scale)
+
+
+@_lora_linear_op.register_fake
+def _(x2d, weight, bias, lora_A, lora_B, scaling, backend, rank_scale, col_scale):
+    return x2d.new_empty((x2d.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fastpeft::lora_linear_dx", mutates_args=())
+def _lora_linear_dx_op(dz: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                       backend: str, rank_scale: Tensor | None) -> Tensor:
+    """[M, N] -> [M, K]: ``dX = dZ W + s ((dZ B) diag(e)) A`` (`fused_bwd_dx`)."""
+    with no_autocast(dz):
+        return fused_bwd_dx(backend, None, dz, weight, lora_A, lora_B, scaling, rank_scale)
+
+
+@_lora_linear_dx_op.register_fake
+def _(dz, weight, lora_A, lora_B, scaling, backend, rank_scale):
+    return dz.new_empty((dz.shape[0], weight.shape[1]))
+
+
+def lora_grads(needs, dy, x2d, weight, lora_A, lora_B, s, e, f, dx_fn):
+    """The grads of ``y = f * (x W^T + s ((x A^T) diag(e)) B^T) + b`` for f constant (a DoRA scale
+    that needs its own grad is applied outside the op): (dx, dw, db, dA, dB, de) as `needs`
+    (the same six flags) asks, dX through `dx_fn(dz)` (the fused kernel op)."""
+    need_x, need_w, need_b, need_A, need_B, need_e = needs
+    dx = dw = db = dA = dB = de = None
+    dz = dy if f is None else dy * f
+    if need_x:
+        dx = dx_fn(dz)
+    if need_A or need_e:
+        dzb = dz @ lora_B
+        if need_A:
+            dA = (s * (dzb if e is None else dzb * e)).t() @ x2d
+    if need_B or need_e:
+        xa = x2d @ lora_A.t()
+        if need_B:
+            dB = dz.t() @ (s * (xa if e is None else xa * e))
+    if need_e:
+        de = s * (xa * dzb).sum(0)
+    if need_w:
+        dw = dz.t() @ x2d
+    if need_b:
+        db = dy.sum(0)
+    return dx, dw, db, dA, dB, de
+
+
+def _lora_setup(ctx, inputs, output):
+    x2d, weight, _, lora_A, lora_B, scaling, backend, rank_scale, col_scale = inputs
+    ctx.save_for_backward(x2d, weight, lora_A, lora_B, rank_scale, col_scale)
+    ctx.scaling, ctx.backend = scaling, backend
+
+
+def _lora_backward(ctx, dy):
+    x2d, weight, lora_A, lora_B, e, f = ctx.saved_tensors
+    s, backend, n = ctx.scaling, ctx.backend, ctx.needs_input_grad
+    dx, dw, db, dA, dB, de = lora_grads(
+        (n[0], n[1], n[2], n[3], n[4], n[7]), dy, x2d, weight, lora_A, lora_B, s, e, f,
+        lambda dz: torch.ops.fastpeft.lora_linear_dx(dz, weight, lora_A, lora_B, s, backend, e))
+    if n[8]:
+        raise RuntimeError("fastpeft::lora_linear: col_scale needing a grad is applied outside the op")
+    return dx, dw, db, dA, dB, None, None, de, None
+
+
+_lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+def scaled_outside(op, x2d, bias, col_scale, *args):
+    """Run `op(x2d, ..., bias, ..., col_scale)` -- given as a callable of (bias, col_scale) -- with
+    DoRA's scale applied outside when it needs a grad: ``z * f + b``, so autograd gives df."""
+    if col_scale is not None and col_scale.requires_grad and torch.is_grad_enabled():
+        z = op(None, None)
+        return z * col_scale if bias is None else torch.addcmul(bias, z, col_scale)
+    return op(bias, col_scale)
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, *, dropout: float = 0.0, backend: str | None = None,
                 rank_scale: Tensor | None = None, col_scale: Tensor | None = None) -> Tensor:
@@ -193,7 +294,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     `dropout` > 0 (modules pass their p only in training mode) runs the *unfused* path
     ``F.linear(x, W, b) + s * F.linear(F.linear(F.dropout(x, p), A), B)`` with plain autograd:
     the LoRA branch sees a dropped-out x while the base path does not, as in PEFT, so the two
-    GEMMs no longer share their input and cannot be fused. Otherwise `LoraLinearFunction` runs the
+    GEMMs no longer share their input and cannot be fused. Otherwise `torch.ops.fastpeft.lora_linear` runs the
     fused kernels (or the reference) on `backend`, see `resolve_backend`.
 
     Variants (both fused into the same kernel, both differentiable):
@@ -204,6 +305,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
          applies the correction to the dropped-out input:
          ``x W^T + b + (f - 1) * (x_d W^T) + f * s (x_d A^T) B^T`` with ``x_d = dropout(x)``.
     """
+    x, weight, bias, lora_A, lora_B, rank_scale, col_scale = autocast_cast(
+        x, weight, bias, lora_A, lora_B, rank_scale, col_scale)
     _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, rank_scale, col_scale)
     which = resolve_backend(x, backend)  # validates the name even on the dropout path
     scaling = float(scaling)
@@ -212,12 +315,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
                              x, lora_A, lora_B, scaling, dropout, rank_scale, col_scale)
     K, N = x.shape[-1], weight.shape[0]
     x2d = x.reshape(-1, K)
-    if needs_grad(x, weight, bias, lora_A, lora_B, rank_scale, col_scale):
-        y = LoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, scaling, which,
-                                     rank_scale, col_scale)
-    else:  # inference: skip the autograd.Function's per-call overhead
-        y = kernels(which, "lora").lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling,
-                                            rank_scale=rank_scale, col_scale=col_scale)
+    y = scaled_outside(lambda b, f: torch.ops.fastpeft.lora_linear(
+        x2d, weight, b, lora_A, lora_B, scaling, which, rank_scale, f), x2d, bias, col_scale)
     return y.reshape(*x.shape[:-1], N)
 
 

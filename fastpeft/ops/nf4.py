@@ -1,5 +1,5 @@
 """NF4 (QLoRA): quantize, dequantize, and `nf4_linear`, the 4-bit base layer with its LoRA term in
-one launch (`LoraLinearFunction` on an NF4 base: the backward maths lives in `fastpeft.ops.lora`).
+one launch (`torch.ops.fastpeft.nf4_linear`; the backward maths lives in `fastpeft.ops.lora`).
 Kernels: `fastpeft/kernels/nf4.py`; reference: `fastpeft/kernels/reference.py`.
 
 An NF4 weight is any object with bnb's quant-state fields (fastpeft.quant.nf4.NF4Weight, or a
@@ -15,8 +15,9 @@ from torch import Tensor
 
 from fastpeft.kernels import reference
 from fastpeft.ops._backend import (check_dropout, check_float, check_like, check_scale_shapes,
-                                   describe, kernels, needs_grad, resolve_backend)
-from fastpeft.ops.lora import LoraLinearFunction, dropout_lora, fused_fwd
+                                   describe, kernels, resolve_backend)
+from fastpeft.ops.lora import (autocast_cast, dropout_lora, fused_bwd_dx, fused_fwd, lora_grads,
+                              no_autocast, scaled_outside)
 
 __all__ = ["NF4Quantized", "nf4_quantize", "nf4_dequantize", "nf4_linear"]
 
@@ -121,6 +122,77 @@ def nf4_dequantize(qweight, dtype: torch.dtype | None = None, *, backend: str | 
         packed, absmax, shape, blocksize, dtype, code4, nested)
 
 
+# -- torch.library: `torch.ops.fastpeft.nf4_linear` (+ its dX op); the NF4 state travels flattened
+def _pack(packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset) -> tuple:
+    nested = None if nested_absmax is None else (code8, nested_absmax, offset)
+    return (packed, absmax, (N, K), blocksize, nested, code4)
+
+
+def flat_nf4(args) -> tuple:
+    """`nf4_args` as the ops' flat arguments: packed, absmax, N, K, blocksize, code4, code8,
+    nested_absmax, offset."""
+    packed, absmax, (N, K), blocksize, nested, code4 = args
+    code8, nested_absmax, offset = nested if nested is not None else (None, None, None)
+    return packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset
+
+
+@torch.library.custom_op("fastpeft::nf4_linear", mutates_args=())
+def _nf4_linear_op(x2d: Tensor, packed: Tensor, absmax: Tensor, N: int, K: int, blocksize: int,
+                   code4: Tensor, code8: Tensor | None, nested_absmax: Tensor | None,
+                   offset: Tensor | None, bias: Tensor | None, lora_A: Tensor | None,
+                   lora_B: Tensor | None, scaling: float, backend: str, rank_scale: Tensor | None,
+                   col_scale: Tensor | None) -> Tensor:
+    """[M, K] -> [M, N]: `fused_fwd` on an NF4 base (checked inputs, see `nf4_linear`)."""
+    args = _pack(packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset)
+    with no_autocast(x2d):
+        return fused_fwd(backend, args, x2d, None, bias, lora_A, lora_B, scaling, rank_scale, col_scale)
+
+
+@_nf4_linear_op.register_fake
+def _(x2d, packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset, bias, lora_A, lora_B,
+      scaling, backend, rank_scale, col_scale):
+    return x2d.new_empty((x2d.shape[0], N))
+
+
+@torch.library.custom_op("fastpeft::nf4_linear_dx", mutates_args=())
+def _nf4_linear_dx_op(dz: Tensor, packed: Tensor, absmax: Tensor, N: int, K: int, blocksize: int,
+                      code4: Tensor, code8: Tensor | None, nested_absmax: Tensor | None,
+                      offset: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None,
+                      scaling: float, backend: str, rank_scale: Tensor | None) -> Tensor:
+    """[M, N] -> [M, K]: ``dX = dZ dequant(Wq) + s ((dZ B) diag(e)) A`` (`fused_bwd_dx`)."""
+    args = _pack(packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset)
+    with no_autocast(dz):
+        return fused_bwd_dx(backend, args, dz, None, lora_A, lora_B, scaling, rank_scale)
+
+
+@_nf4_linear_dx_op.register_fake
+def _(dz, packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset, lora_A, lora_B,
+      scaling, backend, rank_scale):
+    return dz.new_empty((dz.shape[0], K))
+
+
+def _nf4_setup(ctx, inputs, output):
+    x2d, *state, bias, lora_A, lora_B, scaling, backend, rank_scale, col_scale = inputs
+    ctx.save_for_backward(x2d, lora_A, lora_B, rank_scale, col_scale, *(state[i] for i in (0, 1, 5, 6, 7, 8)))
+    ctx.ints, ctx.scaling, ctx.backend = (state[2], state[3], state[4]), scaling, backend
+
+
+def _nf4_backward(ctx, dy):
+    x2d, lora_A, lora_B, e, f, packed, absmax, code4, code8, nested_absmax, offset = ctx.saved_tensors
+    (N, K, blocksize), s, backend, n = ctx.ints, ctx.scaling, ctx.backend, ctx.needs_input_grad
+    if n[1] or n[2] or n[16]:
+        raise RuntimeError("fastpeft::nf4_linear: the NF4 state is frozen, and a col_scale needing a "
+                           "grad is applied outside the op")
+    dx, _, db, dA, dB, de = lora_grads(
+        (n[0], False, n[10], n[11], n[12], n[15]), dy, x2d, None, lora_A, lora_B, s, e, f,
+        lambda dz: torch.ops.fastpeft.nf4_linear_dx(dz, packed, absmax, N, K, blocksize, code4, code8,
+                                                    nested_absmax, offset, lora_A, lora_B, s, backend, e))
+    return (dx,) + (None,) * 9 + (db, dA, dB, None, None, de, None)
+
+
+_nf4_linear_op.register_autograd(_nf4_backward, setup_context=_nf4_setup)
+
+
 def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | None = None,
                lora_B: Tensor | None = None, scaling: float = 1.0, *, dropout: float = 0.0,
                backend: str | None = None, rank_scale: Tensor | None = None,
@@ -139,6 +211,8 @@ def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | 
     """
     packed, absmax, shape, blocksize, nested, code4 = args = nf4_args(qweight)
     N, K = shape
+    x, bias, lora_A, lora_B, rank_scale, col_scale = autocast_cast(x, bias, lora_A, lora_B, rank_scale,
+                                                                   col_scale)
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"nf4_linear: x must be [..., {K}] for an NF4 weight of shape {[N, K]}, "
                          f"got {describe(x) if isinstance(x, Tensor) else type(x).__name__}")
@@ -166,11 +240,9 @@ def nf4_linear(x: Tensor, qweight, bias: Tensor | None = None, lora_A: Tensor | 
             lambda inp, with_bias: nf4_linear(inp, qweight, bias if with_bias else None, backend=which),
             x, lora_A, lora_B, scaling, dropout, rank_scale, col_scale)
     x2d = x.reshape(-1, K)
-    if needs_grad(x, bias, lora_A, lora_B, rank_scale, col_scale):
-        y = LoraLinearFunction.apply(x2d, None, bias, lora_A, lora_B, scaling, which, rank_scale,
-                                     col_scale, args)
-    else:  # inference: skip the autograd.Function's per-call overhead
-        y = fused_fwd(which, args, x2d, None, bias, lora_A, lora_B, scaling, rank_scale, col_scale)
+    flat = flat_nf4(args)
+    y = scaled_outside(lambda b, f: torch.ops.fastpeft.nf4_linear(
+        x2d, *flat, b, lora_A, lora_B, scaling, which, rank_scale, f), x2d, bias, col_scale)
     return y.reshape(*x.shape[:-1], N)
 
 

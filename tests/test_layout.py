@@ -14,8 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 600
 
-# The one cycle still in the tree, owned by helper "kern" (removed when kern lands).
-KNOWN_CYCLES = {frozenset({"fastpeft.kernels.nf4", "fastpeft.kernels.nf4_decode"})}
 
 
 def _modules() -> dict[str, Path]:
@@ -92,9 +90,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     return out
 
 
-# Importers of fastpeft.kernels besides fastpeft.ops: quant/nf4.py reads the NF4 format constants
-# (NF4_BLOCKSIZES, NESTED_BLOCKSIZE; fastpeft.ops.nf4 re-exports them for it to switch to).
-KERNEL_IMPORTERS = {"fastpeft.quant.nf4"}
+KERNEL_IMPORTERS: set[str] = set()  # modules besides fastpeft.ops allowed to import fastpeft.kernels: none
 
 
 def test_cycles_finds_every_cycle():
@@ -121,7 +117,7 @@ def test_graph_sees_lazy_and_relative_imports():
 
 
 def test_no_import_cycles():
-    cycles = [sorted(c) for c in _cycles(_graph()) if frozenset(c) not in KNOWN_CYCLES]
+    cycles = [sorted(c) for c in _cycles(_graph())]
     assert cycles == [], f"import cycles (lazy imports count): {cycles}"
 
 

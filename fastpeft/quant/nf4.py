@@ -28,7 +28,7 @@ except ImportError:  # a torch built without distributed support
     DTensor = ()
 
 from fastpeft import ops
-from fastpeft.kernels.reference import NESTED_BLOCKSIZE, NF4_BLOCKSIZES
+from fastpeft.ops.nf4 import NESTED_BLOCKSIZE, NF4_BLOCKSIZES
 
 __all__ = ["NF4Config", "NF4Weight", "Linear4bit", "quantize_model", "from_bnb_model"]
 

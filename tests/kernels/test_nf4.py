@@ -144,7 +144,7 @@ def test_bad_input_is_refused_before_launch(device):
                            (qw.nested_quant_map, qw.nested_absmax, qw.offset), None, None, None, 1.0, qw.quant_map)
 
 
-# -- AdaLoRA's rank scale and DoRA's column scale in the NF4 kernels (kernels/tiles.py epilogue) --
+# -- AdaLoRA's rank scale and DoRA's column scale in the NF4 kernels (kernels/_common.py epilogue) --
 # (M, N, K, blocksize, nested, r, dtype, rank scale, column scale, x layout): odd sizes, each switch
 # alone and together, the bare 4-bit layer with a column scale (r = 0), bf16 via the interpreter's
 # UPCAST flag, strided activations. Scales are strided views, e with exact zeros (masked ranks).

@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import itertools
 import math
+import threading
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -104,8 +105,16 @@ _ACTIVE: contextvars.ContextVar[dict[int, tuple[MixedBatch, Any]] | None] = cont
     "fastpeft_mixed_batches", default=None)
 
 
+# How many mixed calls are bound right now, in any thread. While none is, batch_for answers without
+# touching the context variable, which torch.compile cannot trace: a plain forward stays one graph.
+_bound_calls = 0
+_bound_lock = threading.Lock()
+
+
 def batch_for(layer: object) -> tuple[MixedBatch, Any] | None:
     """(batch, bank) that the calling thread's mixed call bound to `layer`, or None."""
+    if not _bound_calls:
+        return None
     active = _ACTIVE.get()
     return None if active is None else active.get(id(layer))
 
@@ -118,8 +127,13 @@ def activate(batch: MixedBatch, banks: Iterable[tuple[object, Any]]) -> Iterator
     outer = _ACTIVE.get()
     bound = dict(outer) if outer else {}
     bound.update((id(layer), (batch, bank)) for layer, bank in banks)
+    global _bound_calls
     token = _ACTIVE.set(bound)
+    with _bound_lock:
+        _bound_calls += 1
     try:
         yield batch
     finally:
+        with _bound_lock:
+            _bound_calls -= 1
         _ACTIVE.reset(token)

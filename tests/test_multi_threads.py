@@ -108,3 +108,26 @@ def test_adapter_added_during_a_call_leaves_it_unchanged(make_model):
                     pass
             got = model.base_model(input_ids=ids).logits
     assert torch.equal(got, want)
+
+
+def test_add_adapter_touches_only_its_own_parameters(make_model, monkeypatch):
+    """Flat registration (issue 24): adding an inactive adapter does not revisit the parameters of
+    those already registered (no per-add pass over the whole model), and trainability is as a
+    full set_adapter would leave it."""
+    model = make_peft(make_model)
+    model.base_model.set_adapter("a")
+    visits = []
+    real = torch.Tensor.requires_grad_
+
+    def counting(self, flag=True):
+        visits.append(self)
+        return real(self, flag)
+
+    monkeypatch.setattr(torch.Tensor, "requires_grad_", counting)
+    model.add_adapter("new", fastpeft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    monkeypatch.undo()
+    new = {id(p) for n, p in model.named_parameters() if ".new." in n}
+    assert len(visits) == len(new) and {id(p) for p in visits} == new
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.base_model.set_adapter("a")
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}

@@ -265,7 +265,26 @@ class BaseTuner(Wrapper):
                 module.add(adapter_name)
             else:
                 inject.replace_module(self.model, key, ModulesToSaveWrapper(module, adapter_name))
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        active = self.active_adapter if self.active_adapter in self.peft_config else adapter_name
+        if active != adapter_name and getattr(self.peft_config[active], "bias", "none") == "none":
+            self._settle_new(adapter_name, [k for k, _ in targets], self.save_targets(config))
+        else:
+            self.set_adapter(active)
+
+    def _settle_new(self, adapter_name: str, keys: list[str], saved: list[str]) -> None:
+        """`set_adapter(active)` for an added, inactive adapter, touching only what it changed
+        (its layers and wrappers, its own parameters frozen): the cost of an add does not grow with
+        the number of adapters registered (issue 24). Everything else is as the last set_adapter
+        left it."""
+        active = self.active_adapter
+        for module in (self.model.get_submodule(k) for k in keys):
+            module.active_adapter = active if active in module.adapters else None
+            for param in module.adapter_parameters(adapter_name):
+                param.requires_grad_(False)
+        for key in saved:
+            wrapper = self.model.get_submodule(key)
+            wrapper.active_adapter = active if active in wrapper.adapters else None
+            wrapper.modules_to_save[adapter_name].requires_grad_(False)
 
     # -- adapter state -------------------------------------------------------------------------
     def set_adapter(self, adapter_name: str) -> None:

@@ -72,8 +72,9 @@ def new_config():  # k_proj is new (layers created), v_proj is not (an adapter a
     return peft.LoraConfig(r=2, target_modules=["k_proj", "v_proj"], init_lora_weights=False)
 
 
+# adding an adapter that does not become active settles only its own layers (_settle_new), not set_adapter
 INJECT_STEPS = [(LoraModel, "_create_layer"), (inject, "replace_module"), (LoraLinear, "update_layer"),
-                (methods_base.BaseTuner, "set_adapter")]
+                (methods_base.BaseTuner, "_settle_new")]
 
 
 @pytest.mark.parametrize("owner,name", INJECT_STEPS)

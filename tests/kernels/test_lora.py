@@ -1,23 +1,20 @@
 """kernels/lora.py launchers against kernels/reference.py (under the interpreter on a CPU)."""
+import functools
 import math
+import os
+import sys
 
 import pytest
 import torch
 
 from fastpeft.kernels import lora, reference
 
-# Data is scaled so every output element is O(1) (x ~ N(0, 1), W and A ~ N(0, 1/K), B ~ N(0, 1/r)),
-# so tolerances are a few units of the dtype's rounding: the kernel and the reference both
-# accumulate in fp32 from identical inputs; they differ by the final rounding of the output (one
-# ulp: 2**-11 fp16, 2**-8 bf16), by the kernel rounding the [M, r] tile to the operand dtype
-# before the up-projection (a second ulp), and by fp32 summation order (~1e-7 * sqrt(K)).
-TOL = {
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (3e-3, 3e-3),
-    torch.bfloat16: (2.5e-2, 2.5e-2),
-}
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_checks import BF16, FP16, FP32, LORA_TOL as TOL, close  # noqa: E402
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# Data is scaled so every output element is O(1), and tolerances are a few units of the dtype's
+# rounding: see LORA_TOL in kernel_checks.py.
+_close = functools.partial(close, tol=TOL)
 
 
 def _make(rows, cols, dtype, device, layout="contig", scale=1.0):
@@ -38,13 +35,6 @@ def _make(rows, cols, dtype, device, layout="contig", scale=1.0):
         t = rnd(rows, cols)
     assert layout == "contig" or not t.is_contiguous() or min(rows, cols) == 1
     return t
-
-
-def _close(got, want):
-    atol, rtol = TOL[want.dtype]
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) elements left in the output"
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
 
 
 def _lora_weights(K, N, r, dtype, device, w_layout, ab_layout="contig"):

@@ -5,7 +5,10 @@ HAS_COL_SCALE scales the pre-bias accumulator by DoRA's ``m / ||W + s B A||``. B
 interpreter on a CPU; the gradient tests go through `fastpeft.ops.lora_linear` on both backends
 and compare with torch autograd through the reference.
 """
+import functools
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -13,49 +16,30 @@ import torch
 from fastpeft import ops
 from fastpeft.kernels import lora, reference
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-# As in tests/kernels/test_lora.py: O(1) outputs, a few ulps of the dtype. The scales are O(1)
-# (e in [-2, 2] with some exact zeros, f in [0.5, 1.5]), so they keep the outputs O(1).
-TOL = {FP32: (2e-5, 2e-5), FP16: (3e-3, 3e-3), BF16: (2.5e-2, 2.5e-2)}
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_checks import BF16, FP16, FP32, LORA_TOL as TOL, close, dora_col_scale, masked_rank_scale, rand  # noqa: E402
 
-
-def _rand(g, *shape, dtype, device, scale=1.0, layout="contig"):
-    """Random data; `layout` "t" builds a transposed view, "step" a view with inner stride 2."""
-    if layout == "t":
-        t = (torch.randn(*shape[::-1], generator=g) * scale).to(device=device, dtype=dtype).t()
-    elif layout == "step":
-        wide = (torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * scale).to(device=device, dtype=dtype)
-        t = wide[..., ::2]
-    else:
-        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
-    return t
+# LORA_TOL: O(1) outputs, a few ulps of the dtype. The scales are O(1) (e in [-2, 2] with some
+# exact zeros, f in [0.5, 1.5]), so they keep the outputs O(1).
+_close = functools.partial(close, tol=TOL)
 
 
 def _case(M, K, N, r, dtype, device, *, bias, e, f, x_layout="contig", w_layout="contig", seed=0):
     g = torch.Generator().manual_seed(seed)
     t = {
-        "x": _rand(g, M, K, dtype=dtype, device=device, layout=x_layout),
-        "weight": _rand(g, N, K, dtype=dtype, device=device, scale=K ** -0.5, layout=w_layout),
-        "bias": _rand(g, N, dtype=dtype, device=device) if bias else None,
-        "lora_A": _rand(g, r, K, dtype=dtype, device=device, scale=K ** -0.5),
-        "lora_B": _rand(g, N, r, dtype=dtype, device=device, scale=r ** -0.5),
+        "x": rand(g, M, K, dtype=dtype, device=device, layout=x_layout),
+        "weight": rand(g, N, K, dtype=dtype, device=device, scale=K ** -0.5, layout=w_layout),
+        "bias": rand(g, N, dtype=dtype, device=device) if bias else None,
+        "lora_A": rand(g, r, K, dtype=dtype, device=device, scale=K ** -0.5),
+        "lora_B": rand(g, N, r, dtype=dtype, device=device, scale=r ** -0.5),
         "rank_scale": None,
         "col_scale": None,
     }
-    if e:  # AdaLoRA's E after masking: some ranks exactly zero, given as a strided view
-        vals = torch.rand(2 * r, generator=g) * 4 - 2
-        vals[::3] = 0.0
-        t["rank_scale"] = vals.to(device=device, dtype=dtype)[::2]
+    if e:
+        t["rank_scale"] = masked_rank_scale(g, r, dtype, device)
     if f:
-        t["col_scale"] = (torch.rand(N, generator=g) + 0.5).to(device=device, dtype=dtype)
+        t["col_scale"] = dora_col_scale(g, N, dtype, device)
     return t
-
-
-def _close(got, want):
-    atol, rtol = TOL[want.dtype]
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) elements left in the output"
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
 
 
 # (M, K, N, r, dtype, bias, rank scale, column scale, x layout, weight layout): odd sizes spanning
@@ -87,7 +71,7 @@ def test_lora_fwd_variants(device, M, K, N, r, dtype, bias, e, f, x_layout, w_la
 @pytest.mark.parametrize("M,K,N,r,dtype,_b,_e,_f,dy_layout,w_layout", [c for c in CASES if c[6]])
 def test_lora_bwd_dx_rank_scale(device, M, K, N, r, dtype, _b, _e, _f, dy_layout, w_layout):
     t = _case(M, K, N, r, dtype, device, bias=False, e=True, f=False, w_layout=w_layout)
-    dy = _rand(torch.Generator().manual_seed(9), M, N, dtype=dtype, device=device, layout=dy_layout)
+    dy = rand(torch.Generator().manual_seed(9), M, N, dtype=dtype, device=device, layout=dy_layout)
     out = torch.full((M, K), float("nan"), dtype=dtype, device=device)
     got = lora.lora_bwd_dx(dy, t["weight"], t["lora_A"], t["lora_B"], -1.5, out=out, rank_scale=t["rank_scale"])
     assert got is out
@@ -179,7 +163,7 @@ def test_lora_variants_gpu_sizes(M, dtype):
     args = (t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0)
     _close(lora.lora_fwd(t["x"], *args, rank_scale=t["rank_scale"], col_scale=t["col_scale"]),
            reference.lora_fwd(t["x"], *args, rank_scale=t["rank_scale"], col_scale=t["col_scale"]))
-    dy = _rand(torch.Generator().manual_seed(2), M, 520, dtype=dtype, device="cuda")
+    dy = rand(torch.Generator().manual_seed(2), M, 520, dtype=dtype, device="cuda")
     _close(lora.lora_bwd_dx(dy, t["weight"], t["lora_A"], t["lora_B"], 2.0, rank_scale=t["rank_scale"]),
            reference.lora_bwd_dx(dy, t["weight"], t["lora_A"], t["lora_B"], 2.0, rank_scale=t["rank_scale"]))
 

@@ -1,42 +1,28 @@
 """kernels/nf4.py launchers against kernels/reference.py (under the interpreter on a CPU), and
 ops.nf4_linear's gradients against autograd of the reference."""
+import functools
 import math
+import os
+import sys
 
 import pytest
 import torch
 
 from fastpeft import ops
 from fastpeft.kernels import nf4, reference
-from fastpeft.quant.nf4 import NF4Weight
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-# Kernel and reference decode the same weight (bit-identical in the operand dtype) and accumulate
-# in fp32; they differ by summation order and the rounding of the [M, r] LoRA tile (see
-# tests/kernels/test_lora.py). bf16 runs upcast under the interpreter, so its weight is not
-# rounded to bf16 there: a few bf16 ulps.
-TOL = {FP32: (2e-5, 2e-5), FP16: (3e-3, 3e-3), BF16: (5e-2, 3e-2)}
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_checks import BF16, FP16, FP32, NF4_TOL as TOL, close, launch_args, nf4_weight  # noqa: E402
 
-
-def _state(N, K, blocksize, nested, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(N, K, generator=g) / math.sqrt(K)
-    q = ops.nf4_quantize(w, blocksize, double_quant=nested)
-    q = {k: (v.to(device) if v is not None else None) for k, v in q.items()}
-    return NF4Weight(q["packed"], q["absmax"], q["quant_map"], q["nested_absmax"], q["nested_quant_map"],
-                     q["offset"], (N, K), blocksize)
-
-
-def _args(qw):
-    nested = None if qw.nested_absmax is None else (qw.nested_quant_map, qw.nested_absmax, qw.offset)
-    return qw.packed, qw.absmax, qw.shape, qw.blocksize, nested
+_close = functools.partial(close, tol=TOL)
 
 
 @pytest.mark.parametrize("N,K,blocksize,nested,dtype", [
     (37, 70, 64, True, FP32), (19, 45, 32, False, FP16), (70, 37, 128, True, FP16), (5, 301, 256, True, FP32),
 ])
 def test_dequantize(device, N, K, blocksize, nested, dtype):
-    qw = _state(N, K, blocksize, nested, device)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(N, K, blocksize, nested, device)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     out = torch.full(shape, float("nan"), dtype=dtype, device=device)
     got = nf4.nf4_dequantize(packed, absmax, shape, bs, dtype, qw.quant_map, nest, out=out)
     assert got.data_ptr() == out.data_ptr()
@@ -45,8 +31,8 @@ def test_dequantize(device, N, K, blocksize, nested, dtype):
 
 @pytest.mark.gpu
 def test_dequantize_bf16(device):
-    qw = _state(37, 70, 64, True, device)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(37, 70, 64, True, device)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     got = nf4.nf4_dequantize(packed, absmax, shape, bs, BF16, qw.quant_map, nest)
     assert torch.equal(got, reference.nf4_dequantize(packed, absmax, shape, bs, BF16, nest))
 
@@ -81,17 +67,10 @@ def _lora(N, K, r, dtype, device):
             (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device=device, dtype=dtype))
 
 
-def _close(got, want):
-    atol, rtol = TOL[want.dtype]
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) elements left in the output"
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
-
-
 @pytest.mark.parametrize("M,N,K,blocksize,nested,r,dtype,has_bias,layout", CASES)
 def test_linear_fwd_and_dx(device, M, N, K, blocksize, nested, r, dtype, has_bias, layout):
-    qw = _state(N, K, blocksize, nested, device, seed=M)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(N, K, blocksize, nested, device, seed=M)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     x = _x(M, K, dtype, device, layout, seed=1)
     lora_A, lora_B = _lora(N, K, r, dtype, device)
     bias = torch.randn(N).to(device=device, dtype=dtype) if has_bias else None
@@ -111,7 +90,7 @@ def test_linear_fwd_and_dx(device, M, N, K, blocksize, nested, r, dtype, has_bia
 @pytest.mark.parametrize("M,r", [(1, 4), (20, 8)])
 def test_gradients_match_autograd_of_reference(device, backend, M, r):
     N, K = 37, 70
-    qw = _state(N, K, 64, True, device)
+    qw = nf4_weight(N, K, 64, True, device)
     x = _x(M, K, FP32, device, "contig", seed=3).requires_grad_()
     lora_A, lora_B = (t.requires_grad_() for t in _lora(N, K, r, FP32, device))
     bias = torch.randn(N, device=device, requires_grad=True)
@@ -130,7 +109,7 @@ def test_gradients_match_autograd_of_reference(device, backend, M, r):
 
 
 def test_bad_input_is_refused_before_launch(device):
-    qw = _state(37, 70, 64, True, device)
+    qw = nf4_weight(37, 70, 64, True, device)
     with pytest.raises(ValueError, match=r"x must be \[\.\.\., 70\]"):
         ops.nf4_linear(torch.randn(3, 71), qw)
     with pytest.raises(ValueError, match="lora_A must be"):
@@ -172,8 +151,8 @@ def _scales(N, r, dtype, device, e, f, seed=5):
 
 @pytest.mark.parametrize("M,N,K,blocksize,nested,r,dtype,e,f,layout", SCALE_CASES)
 def test_linear_fwd_and_dx_with_scales(device, M, N, K, blocksize, nested, r, dtype, e, f, layout):
-    qw = _state(N, K, blocksize, nested, device, seed=M + 1)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(N, K, blocksize, nested, device, seed=M + 1)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     x = _x(M, K, dtype, device, layout, seed=4)
     lora_A, lora_B = _lora(N, K, r, dtype, device)
     bias = torch.randn(N).to(device=device, dtype=dtype)
@@ -197,8 +176,8 @@ def test_linear_fwd_and_dx_with_scales(device, M, N, K, blocksize, nested, r, dt
 def test_reference_scales_match_the_dense_reference(device):
     """The NF4 reference with scales is the dense reference on the dequantized weight."""
     N, K, r = 37, 70, 5
-    qw = _state(N, K, 64, True, device)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(N, K, 64, True, device)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     x, dy = _x(9, K, FP32, device, "contig", seed=1), _x(9, N, FP32, device, "contig", seed=2)
     lora_A, lora_B = _lora(N, K, r, FP32, device)
     rank_scale, col_scale = _scales(N, r, FP32, device, True, True)
@@ -221,7 +200,7 @@ def test_reference_scales_match_the_dense_reference(device):
 ])
 def test_scale_gradients_match_autograd_of_reference(device, backend, dtype, e, f, grad):
     M, N, K, r, s = 9, 37, 70, 5, 1.25
-    qw = _state(N, K, 32, True, device, seed=7)
+    qw = nf4_weight(N, K, 32, True, device, seed=7)
     t = {"x": _x(M, K, dtype, device, "step", seed=3), "bias": torch.randn(N).to(device=device, dtype=dtype)}
     t["lora_A"], t["lora_B"] = _lora(N, K, r, dtype, device)
     t["rank_scale"], t["col_scale"] = _scales(N, r, dtype, device, e, f)
@@ -252,7 +231,7 @@ def test_dropout_path_is_the_dense_ops_on_the_dequantized_weight(device, e, f):
     """PEFT's dropout semantics (DoRA's correction on the dropped-out input included) are the
     same as ops.lora_linear's on the dequantized weight, given the same dropout mask."""
     N, K, r = 19, 45, 4
-    qw = _state(N, K, 32, False, device)
+    qw = nf4_weight(N, K, 32, False, device)
     x = _x(6, K, FP32, device, "contig", seed=8)
     bias = torch.randn(N, device=device)
     lora_A, lora_B = _lora(N, K, r, FP32, device)
@@ -268,7 +247,7 @@ def test_dropout_path_is_the_dense_ops_on_the_dequantized_weight(device, e, f):
 
 
 def test_bad_scales_are_refused_before_launch(device):
-    qw = _state(37, 70, 64, True, device)
+    qw = nf4_weight(37, 70, 64, True, device)
     x, (lora_A, lora_B) = torch.randn(3, 70, device=device), _lora(37, 70, 4, FP32, device)
     with pytest.raises(ValueError, match=r"rank_scale must be \[r\] = \[4\]"):
         ops.nf4_linear(x, qw, None, lora_A, lora_B, rank_scale=torch.ones(5, device=device))
@@ -288,8 +267,8 @@ def test_bad_scales_are_refused_before_launch(device):
 def test_scales_gpu_sizes(M, dtype):
     """Autotuned configs and tensor-core dots with both scales on (bf16 included)."""
     N, K, r = 520, 1000, 16
-    qw = _state(N, K, 64, True, "cuda")
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(N, K, 64, True, "cuda")
+    packed, absmax, shape, bs, nest = launch_args(qw)
     x, dy = _x(M, K, dtype, "cuda", "contig", seed=1), _x(M, N, dtype, "cuda", "contig", seed=2)
     lora_A, lora_B = _lora(N, K, r, dtype, "cuda")
     bias = torch.randn(N).to(device="cuda", dtype=dtype)

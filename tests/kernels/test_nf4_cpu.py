@@ -1,6 +1,8 @@
 """kernels/nf4_cpu.py (the CPU path of ops.nf4_linear) against kernels/reference.py, its input
 checks (issue 18 item 11) and the ops.nf4_quantize / nf4_dequantize round trip (item 10)."""
 import math
+import os
+import sys
 import warnings
 
 import pytest
@@ -10,7 +12,9 @@ from fastpeft import ops
 from fastpeft.kernels import nf4_cpu, reference
 from fastpeft.quant.nf4 import NF4Weight
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_checks import BF16, FP16, FP32, launch_args, nf4_weight, rand  # noqa: E402
+
 DTYPES = (FP32, FP16, BF16)
 # Where the maths is the reference's in its order ("full": the same decoded weight, the same GEMM
 # call, the same epilogue) results are bit-identical. The tiled and GEMV paths sum each output
@@ -19,26 +23,8 @@ DTYPES = (FP32, FP16, BF16)
 TOL = {FP32: (1e-5, 1e-5), FP16: (2e-3, 2e-3), BF16: (1.6e-2, 1.6e-2)}
 
 
-def _q(N, K, blocksize=64, nested=True, seed=0, dtype=FP32):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(dtype)
-    q = ops.nf4_quantize(w, blocksize, double_quant=nested)
-    return NF4Weight(q["packed"], q["absmax"], q["quant_map"], q["nested_absmax"], q["nested_quant_map"],
-                     q["offset"], (N, K), blocksize)
-
-
-def _args(qw):
-    nested = None if qw.nested_absmax is None else (qw.nested_quant_map, qw.nested_absmax, qw.offset)
-    return qw.packed, qw.absmax, qw.shape, qw.blocksize, nested
-
-
 def _x(M, K, dtype, layout, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    if layout == "t":  # a transposed view: column-major [M, K]
-        return torch.randn(K, M, generator=g).to(dtype).t()
-    if layout == "step":  # every other column of a wider buffer
-        return torch.randn(M, 2 * K, generator=g).to(dtype)[:, ::2]
-    return torch.randn(M, K, generator=g).to(dtype)
+    return rand(torch.Generator().manual_seed(seed), M, K, dtype=dtype, device="cpu", layout=layout)
 
 
 def _lora(N, K, r, dtype, seed=2):
@@ -46,6 +32,13 @@ def _lora(N, K, r, dtype, seed=2):
         return None, None
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(r, K, generator=g) / math.sqrt(K)).to(dtype), (torch.randn(N, r, generator=g) / math.sqrt(r)).to(dtype)
+
+
+def _operands(case, dtype, cols):
+    """(the case's NF4Weight, its launch_args, a [M, cols] input in the case's layout, LoRA A, B)."""
+    M, N, K, bs, nested, r, _, layout = case
+    qw = nf4_weight(N, K, bs, nested)
+    return (qw, launch_args(qw), _x(M, cols, dtype, layout), *_lora(N, K, r, dtype))
 
 
 @pytest.fixture
@@ -63,8 +56,8 @@ SHAPES = [(37, 70, 64, True), (19, 45, 32, False), (70, 37, 128, True), (5, 301,
 @pytest.mark.parametrize("N,K,blocksize,nested", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequantize_bit_identical(small_tiles, N, K, blocksize, nested, dtype):
-    qw = _q(N, K, blocksize, nested)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(N, K, blocksize, nested)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     out = torch.full(shape, float("nan"), dtype=dtype)
     got = nf4_cpu.nf4_dequantize(packed, absmax, shape, bs, dtype, qw.quant_map, nest, out=out)
     assert got.data_ptr() == out.data_ptr()
@@ -83,10 +76,7 @@ CASES = [
 
 def _fwd_both(case, dtype, path, scales=False, poison=True):
     M, N, K, bs, nested, r, has_bias, layout = case
-    qw = _q(N, K, bs, nested)
-    packed, absmax, shape, _, nest = _args(qw)
-    x = _x(M, K, dtype, layout)
-    A, B = _lora(N, K, r, dtype)
+    qw, (packed, absmax, shape, _, nest), x, A, B = _operands(case, dtype, K)
     bias = torch.randn(N).to(dtype) if has_bias else None
     extra = {}
     if scales:
@@ -120,10 +110,7 @@ def test_fwd_tiled(small_tiles, case, dtype):
 @pytest.mark.parametrize("path", ["full", "tiled"])
 def test_bwd_dx(small_tiles, case, dtype, path):
     M, N, K, bs, nested, r, _, layout = case
-    qw = _q(N, K, bs, nested)
-    packed, absmax, shape, _, nest = _args(qw)
-    dy = _x(M, N, dtype, layout)
-    A, B = _lora(N, K, r, dtype)
+    qw, (packed, absmax, shape, _, nest), dy, A, B = _operands(case, dtype, N)
     e = torch.rand(r).to(dtype) if r else None
     out = torch.full((M, K), float("nan"), dtype=dtype)
     got = nf4_cpu.nf4_linear_bwd_dx(dy, packed, absmax, shape, bs, nest, A, B, 0.7, qw.quant_map, out,
@@ -137,8 +124,8 @@ def test_bwd_dx(small_tiles, case, dtype, path):
 
 
 def test_empty_and_zero_sized():
-    qw = _q(6, 64)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(6, 64)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     got = nf4_cpu.nf4_linear_fwd(torch.zeros(0, 64), packed, absmax, shape, bs, nest, None, None, None,
                                  1.0, qw.quant_map)
     assert got.shape == (0, 6)
@@ -148,8 +135,8 @@ def test_empty_and_zero_sized():
 
 
 def test_nan_in_x_stays_in_its_row():
-    qw = _q(40, 64)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(40, 64)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     x = _x(3, 64, FP32, "contig")
     x[1, 5] = float("nan")
     for path in ("tiled", "full"):
@@ -163,8 +150,8 @@ def test_nan_in_x_stays_in_its_row():
 def test_gemv_compiled(dtype):
     """The inductor-compiled GEMV: one static graph per (shape, dtype), summing in another order."""
     N, K = 24, 128
-    qw = _q(N, K)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(N, K)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     x = _x(1, K, dtype, "step")
     A, B = _lora(N, K, 4, dtype)
     with warnings.catch_warnings():
@@ -184,8 +171,8 @@ def test_gemv_falls_back_without_a_compiler(monkeypatch):
 
     monkeypatch.setattr(nf4_cpu, "_GEMV", nf4_cpu._GemvCache())
     monkeypatch.setattr(nf4_cpu.torch, "compile", no_compiler)
-    qw = _q(8, 64)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(8, 64)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     x = _x(1, 64, FP32, "contig")
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         got = nf4_cpu.nf4_linear_fwd(x, packed, absmax, shape, bs, nest, None, None, None, 1.0,
@@ -207,8 +194,8 @@ def test_auto_path_choice(monkeypatch):
 
 # -- issue 18 item 11: every bad NF4 state is a clear error before anything is computed ----------
 def _bad_states():
-    qw = _q(6, 64)
-    packed, absmax, shape, bs, (code8, nabs, off) = _args(qw)
+    qw = nf4_weight(6, 64)
+    packed, absmax, shape, bs, (code8, nabs, off) = launch_args(qw)
     code4, nest = qw.quant_map, (code8, nabs, off)
     good = dict(packed=packed, absmax=absmax, shape=shape, blocksize=bs, nested=nest, code4=code4)
     return good, [
@@ -280,8 +267,8 @@ def test_ops_nf4_linear_checks_the_state_on_the_cpu(i):
 
 
 def test_bad_activation_and_factors():
-    qw = _q(6, 64)
-    packed, absmax, shape, bs, nest = _args(qw)
+    qw = nf4_weight(6, 64)
+    packed, absmax, shape, bs, nest = launch_args(qw)
     code4 = qw.quant_map
 
     def fwd(x, bias=None, A=None, B=None, **kw):
@@ -326,7 +313,7 @@ def test_quantize_dequantize_round_trip(dtype, double_quant):
 
 
 def test_dequantize_of_an_nf4_weight_keeps_its_default():
-    qw = _q(5, 64)
+    qw = nf4_weight(5, 64)
     assert ops.nf4_dequantize(qw).dtype == FP32  # an NF4Weight does not record its source dtype
 
 

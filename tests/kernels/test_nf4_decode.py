@@ -4,59 +4,31 @@ under the interpreter on a CPU, and the M-based dispatch between it and the tile
 The interpreter config splits K into 3 runs of 32-wide tiles, so the odd K here give full,
 partial and empty splits; N spans several 32-wide column blocks with a ragged tail.
 """
-import math
+import functools
+import os
+import sys
 
 import pytest
 import torch
 
-from fastpeft import ops
 from fastpeft.kernels import nf4, nf4_decode, reference
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-# As in tests/kernels/test_nf4.py: the same decoded weight, fp32 accumulation in another order;
-# bf16 upcasts under the interpreter (its weight is not rounded to bf16 there): a few bf16 ulps.
-TOL = {FP32: (2e-5, 2e-5), FP16: (3e-3, 3e-3), BF16: (5e-2, 3e-2)}
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_checks import BF16, FP16, FP32, NF4_TOL as TOL, close, dora_col_scale, masked_rank_scale  # noqa: E402
+from kernel_checks import nf4_state, rand  # noqa: E402
 
-
-def _state(N, K, blocksize, nested, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(N, K, generator=g) / math.sqrt(K)
-    q = ops.nf4_quantize(w, blocksize, double_quant=nested)
-    q = {k: (v.to(device) if v is not None else None) for k, v in q.items()}
-    nest = (q["nested_quant_map"], q["nested_absmax"], q["offset"]) if nested else None
-    return q["packed"], q["absmax"], (N, K), blocksize, nest, q["quant_map"]
-
-
-def _rand(g, *shape, dtype, device, scale=1.0, layout="contig"):
-    """Random data; "t" a transposed view, "step" a view with inner stride 2."""
-    if layout == "t":
-        return (torch.randn(*shape[::-1], generator=g) * scale).to(device=device, dtype=dtype).t()
-    if layout == "step":
-        return (torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * scale).to(device=device, dtype=dtype)[..., ::2]
-    return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+_close = functools.partial(close, tol=TOL)
 
 
 def _operands(N, K, r, dtype, device, *, e, f, seed):
     g = torch.Generator().manual_seed(seed)
     if r == 0:
         return None, None, None, None
-    lora_A = _rand(g, r, K, dtype=dtype, device=device, scale=K ** -0.5)
-    lora_B = _rand(g, N, r, dtype=dtype, device=device, scale=r ** -0.5)
-    rank_scale = col_scale = None
-    if e:  # AdaLoRA's E: some ranks masked to exactly zero, a strided view
-        vals = torch.rand(2 * r, generator=g) * 4 - 2
-        vals[::3] = 0.0
-        rank_scale = vals.to(device=device, dtype=dtype)[::2]
-    if f:  # DoRA's m / ||W + s B A||
-        col_scale = (torch.rand(N, generator=g) + 0.5).to(device=device, dtype=dtype)
+    lora_A = rand(g, r, K, dtype=dtype, device=device, scale=K ** -0.5)
+    lora_B = rand(g, N, r, dtype=dtype, device=device, scale=r ** -0.5)
+    rank_scale = masked_rank_scale(g, r, dtype, device) if e else None  # AdaLoRA's E
+    col_scale = dora_col_scale(g, N, dtype, device) if f else None  # DoRA's m / ||W + s B A||
     return lora_A, lora_B, rank_scale, col_scale
-
-
-def _close(got, want):
-    atol, rtol = TOL[want.dtype]
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) elements left in the output"
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
 
 
 # (M, N, K, blocksize, nested, r, rank scale, col scale, dtype, bias, x layout): M = 1, 5, 16;
@@ -75,10 +47,10 @@ CASES = [
 
 @pytest.mark.parametrize("M,N,K,blocksize,nested,r,e,f,dtype,has_bias,layout", CASES)
 def test_decode_fwd_and_dx_match_reference(device, M, N, K, blocksize, nested, r, e, f, dtype, has_bias, layout):
-    packed, absmax, shape, bs, nest, code4 = _state(N, K, blocksize, nested, device, seed=M)
+    packed, absmax, shape, bs, nest, code4 = nf4_state(N, K, blocksize, nested, device, seed=M)
     g = torch.Generator().manual_seed(100 + M)
-    x = _rand(g, M, K, dtype=dtype, device=device, layout=layout)
-    bias = _rand(g, N, dtype=dtype, device=device) if has_bias else None
+    x = rand(g, M, K, dtype=dtype, device=device, layout=layout)
+    bias = rand(g, N, dtype=dtype, device=device) if has_bias else None
     lora_A, lora_B, rank_scale, col_scale = _operands(N, K, r, dtype, device, e=e, f=f, seed=r)
     assert nf4.path_for(M) == "decode"
 
@@ -95,7 +67,7 @@ def test_decode_fwd_and_dx_match_reference(device, M, N, K, blocksize, nested, r
                                   col_scale=col_scale)
     _close(got, want)
 
-    dy = _rand(g, M, N, dtype=dtype, device=device, layout=layout)
+    dy = rand(g, M, N, dtype=dtype, device=device, layout=layout)
     dx = torch.full((M, K), float("nan"), dtype=dtype, device=device)
     got = nf4.nf4_linear_bwd_dx(dy, packed, absmax, shape, bs, nest, lora_A, lora_B, 0.75, code4,
                                 out=dx, rank_scale=rank_scale)
@@ -110,7 +82,7 @@ def test_decode_fwd_and_dx_match_reference(device, M, N, K, blocksize, nested, r
 
 def test_decode_is_deterministic(device):
     """The two-pass reduction sums the splits in a fixed order: bit-identical repeats."""
-    packed, absmax, shape, bs, nest, code4 = _state(37, 101, 64, True, device)
+    packed, absmax, shape, bs, nest, code4 = nf4_state(37, 101, 64, True, device)
     lora_A, lora_B, _, _ = _operands(37, 101, 4, FP32, device, e=False, f=False, seed=4)
     x = torch.randn(3, 101, device=device)
     first = nf4.nf4_linear_fwd(x, packed, absmax, shape, bs, nest, None, lora_A, lora_B, 2.0, code4)
@@ -131,7 +103,7 @@ def test_dispatch_by_m(device, monkeypatch, M, path):
     monkeypatch.setattr(nf4_decode, "launch_split_k", spy)
     assert nf4.path_for(M) == path
     N, K = 19, 45
-    packed, absmax, shape, bs, nest, code4 = _state(N, K, 64, True, device)
+    packed, absmax, shape, bs, nest, code4 = nf4_state(N, K, 64, True, device)
     x = torch.randn(M, K, device=device)
     y = nf4.nf4_linear_fwd(x, packed, absmax, shape, bs, nest, None, None, None, 1.0, code4)
     nf4.nf4_linear_bwd_dx(torch.randn(M, N, device=device), packed, absmax, shape, bs, nest, None, None, 1.0, code4)
@@ -140,7 +112,7 @@ def test_dispatch_by_m(device, monkeypatch, M, path):
 
 
 def test_split_k_launcher_refuses_m_outside_decode(device):
-    packed, absmax, shape, bs, nest, code4 = _state(19, 45, 64, True, device)
+    packed, absmax, shape, bs, nest, code4 = nf4_state(19, 45, 64, True, device)
     state, is_nested = nf4._state_args(packed, absmax, shape, bs, nest, code4)
     x = torch.randn(17, 45, device=device)
     with pytest.raises(ValueError, match=r"M must be in \[1, 16\], got 17"):
@@ -153,10 +125,10 @@ def test_split_k_launcher_refuses_m_outside_decode(device):
 def test_decode_bf16_compiled(device, M):
     """bf16 on the GPU (compiled, no UPCAST): bf16 tensor-core operands, weight rounded as bnb's."""
     N, K = 257, 1000
-    packed, absmax, shape, bs, nest, code4 = _state(N, K, 64, True, device, seed=M)
+    packed, absmax, shape, bs, nest, code4 = nf4_state(N, K, 64, True, device, seed=M)
     g = torch.Generator().manual_seed(7)
-    x = _rand(g, M, K, dtype=BF16, device=device)
-    bias = _rand(g, N, dtype=BF16, device=device)
+    x = rand(g, M, K, dtype=BF16, device=device)
+    bias = rand(g, N, dtype=BF16, device=device)
     lora_A, lora_B, rank_scale, col_scale = _operands(N, K, 16, BF16, device, e=True, f=True, seed=16)
     out = torch.full((M, N), float("nan"), dtype=BF16, device=device)
     got = nf4.nf4_linear_fwd(x, packed, absmax, shape, bs, nest, bias, lora_A, lora_B, 0.75, code4, out=out,

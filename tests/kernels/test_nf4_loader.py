@@ -2,33 +2,20 @@
 the blocksize, so the ALIGNED path runs (wide byte loads, both nibbles of each byte, one scale per
 block), against kernels/reference.py under the interpreter; the GEMV rows (M <= 4) of the decode
 kernel; and the loader's contract (only bnb's NF4 table)."""
+import functools
 import math
+import os
+import sys
 
 import pytest
 import torch
 
-from fastpeft import ops
 from fastpeft.kernels import _common, multi_lora, nf4, nf4_decode, reference
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-# as tests/kernels/test_nf4.py
-TOL = {FP32: (2e-5, 2e-5), FP16: (3e-3, 3e-3), BF16: (5e-2, 3e-2)}
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_checks import BF16, FP16, FP32, NF4_TOL as TOL, close, nf4_state  # noqa: E402
 
-
-def _state(N, K, blocksize, nested, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(N, K, generator=g) / math.sqrt(K)
-    q = ops.nf4_quantize(w, blocksize, double_quant=nested)
-    q = {k: (v.to(device) if v is not None else None) for k, v in q.items()}
-    nest = (q["nested_quant_map"], q["nested_absmax"], q["offset"]) if nested else None
-    return q["packed"], q["absmax"], (N, K), blocksize, nest, q["quant_map"]
-
-
-def _close(got, want):
-    atol, rtol = TOL[want.dtype]
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) elements left in the output"
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+_close = functools.partial(close, tol=TOL)
 
 
 def test_nf4_constants_are_bnb_table():
@@ -39,7 +26,7 @@ def test_nf4_constants_are_bnb_table():
                                                   (5, 512, 256, True), (33, 64, 64, False)])
 @pytest.mark.parametrize("dtype", [FP32, FP16])
 def test_dequantize_aligned_bit_exact(device, N, K, blocksize, nested, dtype):
-    packed, absmax, shape, bs, nest, code4 = _state(N, K, blocksize, nested, device)
+    packed, absmax, shape, bs, nest, code4 = nf4_state(N, K, blocksize, nested, device)
     assert _common.nf4_meta(bs, K)[0]["ALIGNED"]
     out = torch.full(shape, float("nan"), dtype=dtype, device=device)
     got = nf4.nf4_dequantize(packed, absmax, shape, bs, dtype, code4, nest, out=out)
@@ -60,7 +47,7 @@ CASES = [
 
 @pytest.mark.parametrize("M,N,K,blocksize,nested,r,dtype", CASES)
 def test_aligned_fwd_and_dx_match_reference(device, M, N, K, blocksize, nested, r, dtype):
-    packed, absmax, shape, bs, nest, code4 = _state(N, K, blocksize, nested, device, seed=M)
+    packed, absmax, shape, bs, nest, code4 = nf4_state(N, K, blocksize, nested, device, seed=M)
     g = torch.Generator().manual_seed(M)
     x = torch.randn(M, K, generator=g).to(device, dtype)
     bias = torch.randn(N, generator=g).to(device, dtype)
@@ -94,7 +81,7 @@ def test_decode_config_gemv_rows(M, gemv, m_pad):
 def test_multi_gathered_over_aligned_nf4(device):
     """The multi-adapter kernels read an NF4 base through the same loader (ALIGNED here)."""
     N, K = 37, 128
-    packed, absmax, shape, bs, nest, code4 = _state(N, K, 64, True, device)
+    packed, absmax, shape, bs, nest, code4 = nf4_state(N, K, 64, True, device)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, K, generator=g).to(device)
     lora_a = (torch.randn(12, K, generator=g) / math.sqrt(K)).to(device)
@@ -111,6 +98,6 @@ def test_multi_gathered_over_aligned_nf4(device):
 
 
 def test_refuses_another_code_table(device):
-    packed, absmax, shape, bs, nest, code4 = _state(19, 64, 64, False, device)
+    packed, absmax, shape, bs, nest, code4 = nf4_state(19, 64, 64, False, device)
     with pytest.raises(ValueError, match="NF4 table"):
         nf4.nf4_dequantize(packed, absmax, shape, bs, FP32, code4.cpu() * 2, nest)

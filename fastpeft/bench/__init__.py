@@ -21,7 +21,7 @@ import time
 import torch
 
 from fastpeft.bench import layer, methods, multi, nf4, training
-from fastpeft.bench.env import BenchError, check_device, describe_device, interpreting, ops_backend, package_versions, prepare_out
+from fastpeft.bench.env import BenchError, check_device, check_names, describe_device, interpreting, ops_backend, package_versions, prepare_out
 from fastpeft.bench.report import format_tables, write_outputs
 from fastpeft.bench.timing import Progress
 
@@ -34,12 +34,7 @@ __all__ = [
 
 
 def check_sections(names: list[str] | None) -> list[str]:
-    if not names:
-        return list(SECTIONS)
-    unknown = [n for n in names if n not in SECTIONS]
-    if unknown:
-        raise BenchError(f"--sections: unknown {unknown}; known: {list(SECTIONS)}")
-    return names
+    return check_names("--sections", names, list(SECTIONS))
 
 
 def run(

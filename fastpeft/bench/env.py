@@ -97,6 +97,17 @@ def ops_backend(device: str) -> str:
         return f"unknown ({type(e).__name__}: {e})"
 
 
+def check_names(option: str, names: list[str] | None, known: list[str], listed: list[str] | None = None) -> list[str]:
+    """`names`, or all of `known` when none are given; BenchError names the unknown ones and the
+    known ones (as `listed`, default `known`) after the `option` they came with."""
+    if not names:
+        return list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BenchError(f"{option}: unknown {unknown}; known: {known if listed is None else listed}")
+    return names
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
 

@@ -73,15 +73,10 @@ def shapes_for(device: str, quick: bool) -> Shapes:
 
 
 @dataclass
-class Row:
+class Row(timing.Timed):  # status: "ok", "not installed", "unavailable: ...", "error: ...", "wrong: ..."
     impl: str
     label: str
     m: int
-    status: str = "ok"          # "ok", "not installed", "unavailable: ...", "error: ...", "wrong: ..."
-    median_us: float | None = None
-    min_us: float | None = None
-    max_us: float | None = None
-    samples: int | None = None
     penalty: float | None = None        # median / base median at the same M
     wall_us: float | None = None        # CUDA only: host wall clock per back-to-back call
     wall_penalty: float | None = None
@@ -251,7 +246,7 @@ def run(device: str, quick: bool, bar: Progress) -> dict:
         for m in s.ms:
             x = torch.randn(m, s.k, generator=g).to(device=device, dtype=s.torch_dtype)
             refs = {True: layer.reference(x, lora=True), False: layer.reference(x, lora=False)}
-            here = {impl: Row(impl, it.label, m, it.status) for impl, it in impls.items()}
+            here = {impl: Row(impl, it.label, m, status=it.status) for impl, it in impls.items()}
             rows.extend(here.values())
             calls = {}
             for impl, it in impls.items():  # check every output before timing any
@@ -278,8 +273,7 @@ def run(device: str, quick: bool, bar: Progress) -> dict:
                 bar.step(f"M={m}", len(impls))
             for impl, st in stats.items():
                 row = here[impl]
-                row.median_us, row.min_us, row.max_us = st[0] * 1e6, st[1] * 1e6, st[2] * 1e6
-                row.samples = st[3]
+                row.set_times(st)
                 if len(st) > 4:
                     row.wall_us = st[4] * 1e6
                 row.bytes = lora_bytes(m, s.k, s.n, s.r, elt, impls[impl].lora_elt)

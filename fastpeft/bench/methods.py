@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from fastpeft.bench import timing
-from fastpeft.bench.env import BenchError, Quietly, peer_warnings
+from fastpeft.bench.env import BenchError, Quietly, check_names, peer_warnings
 from fastpeft.bench.timing import Progress, time_cpu, time_cuda
 from fastpeft.hf_compat import cache_kwarg, output_cache
 
@@ -160,12 +160,7 @@ def model_shape(device: str, quick: bool) -> ModelShape:
 
 def check_methods(names: list[str] | None) -> list[str]:
     """The methods to run (default: all); BenchError names the unknown ones and the known ones."""
-    if not names:
-        return list(METHODS)
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise BenchError(f"--methods: unknown {unknown}; known: {sorted(METHODS)}")
-    return names
+    return check_names("--methods", names, list(METHODS), sorted(METHODS))
 
 
 def check_targets(model, names: list[str]) -> None:
@@ -242,15 +237,10 @@ def _not_applicable(err: Exception) -> bool:
 
 
 @dataclass
-class Row:
+class Row(timing.Timed):
     method: str  # "base" for the bare model
     impl: str  # "base", "fastpeft", "peft", "peft merged"
     phase: str  # "prefill BxS" or "decode bN"
-    status: str = "ok"
-    median_us: float | None = None
-    min_us: float | None = None
-    max_us: float | None = None
-    samples: int | None = None
     penalty: float | None = None
     trainable: int | None = None
     trainable_pct: float | None = None
@@ -435,7 +425,7 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base, targets
         for phase, batch, seq, make in phases:
             ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
             mask = torch.ones_like(ids)
-            here = {key: Row(key[0], key[1], phase, case.status) for key, case in cases.items()}
+            here = {key: Row(key[0], key[1], phase, status=case.status) for key, case in cases.items()}
             rows.extend(here.values())
             calls = {}
             for key, case in cases.items():
@@ -466,9 +456,8 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base, targets
                 for key in stats:
                     here[key].timing = timing.WALL
                 bar.step(phase, len(cases))
-            for key, (median, lo, hi, n) in stats.items():
-                row = here[key]
-                row.median_us, row.min_us, row.max_us, row.samples = median * 1e6, lo * 1e6, hi * 1e6, n
+            for key, st in stats.items():
+                here[key].set_times(st)
             base_row = here[("base", "base")]
             for key, row in here.items():
                 row.penalty = timing.penalty(row, base_row)

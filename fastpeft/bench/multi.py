@@ -75,16 +75,11 @@ def shapes_for(device: str, quick: bool) -> Shapes:
 
 
 @dataclass
-class Row:
+class Row(timing.Timed):
     part: str  # "layer" or "model"
     phase: str  # "decode RxT" / "prefill RxT": rows x tokens per row
     impl: str
     label: str
-    status: str = "ok"
-    median_us: float | None = None
-    min_us: float | None = None
-    max_us: float | None = None
-    samples: int | None = None
     timing: str | None = None
     vs_base: float | None = None
     vs_peft: float | None = None  # peft's median / this median
@@ -175,15 +170,12 @@ def _time(device: str, calls: dict, budget_s: float, quick: bool, rows: dict, ba
         for key, fn in calls.items():
             bar.step(f"{label} {key}")
             rows[key].timing = timing.DO_BENCH
-            median, lo, hi, n = timing.time_cuda(fn, quick)[:4]
-            rows[key].median_us, rows[key].min_us, rows[key].max_us, rows[key].samples = (
-                median * 1e6, lo * 1e6, hi * 1e6, n)
+            rows[key].set_times(timing.time_cuda(fn, quick))
         bar.step(label, len(rows) - len(calls))
         return
-    for key, (median, lo, hi, n) in timing.time_cpu(calls, budget_s).items():
-        row = rows[key]
-        row.timing, row.median_us, row.min_us, row.max_us, row.samples = (
-            timing.WALL, median * 1e6, lo * 1e6, hi * 1e6, n)
+    for key, st in timing.time_cpu(calls, budget_s).items():
+        rows[key].timing = timing.WALL
+        rows[key].set_times(st)
     bar.step(label, len(rows))
 
 
@@ -242,7 +234,7 @@ def _layer_part(s: Shapes, device: str, quick: bool, bar: Progress, copy_bw: flo
             "registered": (lambda: ops.multi_lora_linear(x, weight, bias, big, big_groups), ids),
             "peft": (None if peft_fn is None else (lambda: peft_fn(x, names)), ids),
         }
-        here = {impl: Row("layer", name, impl, labels[impl], "ok" if impl != "peft" else peft_status)
+        here = {impl: Row("layer", name, impl, labels[impl], status="ok" if impl != "peft" else peft_status)
                 for impl in IMPLS}
         calls = {}
         with torch.inference_mode():

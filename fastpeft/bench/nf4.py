@@ -82,16 +82,11 @@ def shapes_for(device: str, quick: bool) -> NF4Shapes:
 
 
 @dataclass
-class Row:
+class Row(timing.Timed):  # status: "ok", "not installed", "unavailable: ...", "error: ...", "wrong: ..."
     layer: str  # "out x in"
     m: int
     impl: str
     label: str
-    status: str = "ok"          # "ok", "not installed", "unavailable: ...", "error: ...", "wrong: ..."
-    median_us: float | None = None
-    min_us: float | None = None
-    max_us: float | None = None
-    samples: int | None = None
     vs_dense: float | None = None   # median / dense median at the same layer and M
     vs_nf4: float | None = None     # qlora only: median / fastpeft's bare NF4 median
     wall_us: float | None = None    # CUDA only: host wall clock per back-to-back call
@@ -104,15 +99,10 @@ class Row:
 
 
 @dataclass
-class QuantRow:
+class QuantRow(timing.Timed):
     layer: str
     impl: str
     label: str
-    status: str = "ok"
-    median_us: float | None = None
-    min_us: float | None = None
-    max_us: float | None = None
-    samples: int | None = None
     vs_bnb: float | None = None
 
 
@@ -271,7 +261,7 @@ def _fill(row, st) -> None:
     if isinstance(st, Exception):
         row.status = f"error: {type(st).__name__}: {st}"
         return
-    row.median_us, row.min_us, row.max_us, row.samples = st[0] * 1e6, st[1] * 1e6, st[2] * 1e6, st[3]
+    row.set_times(st)
     if len(st) > 4:
         row.wall_us = st[4] * 1e6
 
@@ -285,7 +275,7 @@ def _run_layer(layer, s, device, quick, bar, name, copy_bw, ms) -> list[Row]:
     for m in ms:
         x = torch.randn(m, layer.qweight.shape[1], generator=g).to(device=device, dtype=s.torch_dtype)
         refs = {lora: layer.reference(x, lora) for lora in (False, True)}
-        here = {impl: Row(name, m, impl, label, status) for impl, (_, status, label) in impls.items()}
+        here = {impl: Row(name, m, impl, label, status=status) for impl, (_, status, label) in impls.items()}
         rows.extend(here.values())
         calls, checks = {}, {}
         for impl, (fn, _, _) in impls.items():  # check every output before timing any
@@ -327,7 +317,7 @@ def _run_quantize(layer, s, bar, name) -> list[QuantRow]:
     w = layer.dense
     bnb, status, version = _import_bnb()
     rows = {"fastpeft": QuantRow(name, "fastpeft", "fastpeft ops.nf4_quantize"),
-            "bnb": QuantRow(name, "bnb", f"bitsandbytes quantize_4bit {version}".rstrip(), status)}
+            "bnb": QuantRow(name, "bnb", f"bitsandbytes quantize_4bit {version}".rstrip(), status=status)}
     calls = {"fastpeft": lambda: ops.nf4_quantize(w, s.blocksize, double_quant=True)}
     if bnb is not None:
         def theirs():

@@ -6,6 +6,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -20,6 +21,21 @@ _COPY_BYTES = 1 << 30     # the copy whose bandwidth is the yardstick: far large
 _GRAPH_REPLAY_S = 2e-3    # device time one replay aims for (calls per graph = this / a call)
 _GRAPH_MAX_CALLS = 200
 _L2_FALLBACK = 256 << 20  # when torch does not report the L2 size: more than any GPU's today
+
+
+@dataclass(kw_only=True)
+class Timed:
+    """What every section's result row has: a status ("ok", or why there is no number) and the
+    latency statistics in µs. Keyword-only, so each section's Row puts its own keys first."""
+    status: str = "ok"
+    median_us: float | None = None
+    min_us: float | None = None
+    max_us: float | None = None
+    samples: int | None = None
+
+    def set_times(self, st) -> None:
+        """Take (median, min, max) seconds and the sample count, a timer's tuple, as µs."""
+        self.median_us, self.min_us, self.max_us, self.samples = st[0] * 1e6, st[1] * 1e6, st[2] * 1e6, st[3]
 
 
 def timing_mode(device: str, tokens: int) -> str:

@@ -22,21 +22,16 @@ import torch
 
 from fastpeft.bench.env import Quietly, peer_warnings
 from fastpeft.bench.methods import LLAMA, METHODS, Targets, model_shape
-from fastpeft.bench.timing import Progress, time_cpu, time_cuda
+from fastpeft.bench.timing import Progress, Timed, time_cpu, time_cuda
 
 # The methods whose training the section times (when the methods section knows them).
 TRAINED = ("lora", "dora", "qlora")
 
 
 @dataclass
-class Row:
+class Row(Timed):
     method: str
     impl: str  # "fastpeft" or "peft"
-    status: str = "ok"
-    median_us: float | None = None
-    min_us: float | None = None
-    max_us: float | None = None
-    samples: int | None = None
     vs_peft: float | None = None  # fastpeft's median / peft's median, same method
     peak_mem_mib: float | None = None
 
@@ -116,9 +111,8 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base, targets
         elif calls:
             stats = time_cpu(calls, s.budget_s)
         bar.step(f"train {name}")
-        for impl, (median, lo, hi, n) in stats.items():
-            row = here[impl]
-            row.median_us, row.min_us, row.max_us, row.samples = median * 1e6, lo * 1e6, hi * 1e6, n
+        for impl, st in stats.items():
+            here[impl].set_times(st)
         if here["fastpeft"].median_us is not None and here["peft"].median_us:
             here["fastpeft"].vs_peft = here["fastpeft"].median_us / here["peft"].median_us
     return {"batch": [batch, seq], "model": type(base).__name__, "rows": [asdict(r) for r in rows],
@@ -127,13 +121,8 @@ def run(device: str, quick: bool, bar: Progress, names: list[str], base, targets
 
 # -- the optimizer row -------------------------------------------------------------------------
 @dataclass
-class OptimRow:
+class OptimRow(Timed):
     impl: str  # "torch AdamW", "fastpeft AdamW8bit" or "bnb AdamW8bit"
-    status: str = "ok"
-    median_us: float | None = None
-    min_us: float | None = None
-    max_us: float | None = None
-    samples: int | None = None
     vs_torch: float | None = None  # median / torch AdamW's median
     state_bytes_per_param: float | None = None
 
@@ -191,9 +180,8 @@ def run_optimizer(device: str, quick: bool, bar: Progress, budget_s: float) -> d
     else:
         stats = time_cpu(calls, budget_s) if calls else {}
     bar.step("train optimizer")
-    for impl, (median, lo, hi, n) in stats.items():
-        row = rows[impl]
-        row.median_us, row.min_us, row.max_us, row.samples = median * 1e6, lo * 1e6, hi * 1e6, n
+    for impl, st in stats.items():
+        rows[impl].set_times(st)
     base = rows["torch AdamW"].median_us
     for row in rows.values():
         if base and row.median_us is not None:

@@ -9,26 +9,19 @@ time). Never run this with TRITON_INTERPRET=1 on a GPU machine: it would time th
 Decode timings from CUDA graphs (no launch overhead) and the bandwidth figures are in
 `fastpeft bench` (its kernels section), which checks outputs first.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastpeft import ops
+from fastpeft.bench.suite import bench_call, suite_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-DEVICE = "cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu"
+DEVICE = suite_device()
 if DEVICE == "cuda":
     WIDTH, DTYPE, BACKEND, MS = 4096, torch.float16, "triton", (1, 16, 2048)
 else:
     WIDTH, DTYPE, BACKEND, MS = 512, torch.float32, "torch", (1, 16, 128)
 RANK, SCALING = 16, 2.0
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module", params=MS, ids=lambda m: f"M{m}")
@@ -47,18 +40,8 @@ def tensors(request):
 
 
 def _run(benchmark, tensors, name, fn):
-    benchmark.group = f"lora {DEVICE} {DTYPE} M={tensors['M']} K=N={WIDTH} r={RANK}"
-    benchmark.name = name
-    benchmark.extra_info.update(device=DEVICE, backend=BACKEND if name == "fastpeft" else "torch")
-
-    def step():
-        with torch.no_grad():
-            y = fn(tensors)
-        _sync()
-        return y
-
-    step()  # warm-up: autotuning and lazy initialisation stay out of the timings
-    y = benchmark(step)
+    y = bench_call(benchmark, DEVICE, f"lora {DEVICE} {DTYPE} M={tensors['M']} K=N={WIDTH} r={RANK}", name,
+                   lambda: fn(tensors), backend=BACKEND if name == "fastpeft" else "torch")
     assert y.shape == (tensors["M"], WIDTH) and torch.isfinite(y).all()
 
 

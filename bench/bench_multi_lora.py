@@ -9,24 +9,17 @@ kernels, CPU 1024 wide fp32 on the torch backend), which also checks every outpu
 the whole-model case. Each timed call synchronises, so CUDA decode numbers include launch
 overhead. Never run this with TRITON_INTERPRET=1 on a GPU machine: it would time the interpreter.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastpeft import ops
+from fastpeft.bench.suite import bench_call, suite_device
 from fastpeft.bench.multi import make_adapters, make_bank, peft_mixed_layer, shapes_for
 from fastpeft.multi import TokenGroups
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-DEVICE = "cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu"
+DEVICE = suite_device()
 S = shapes_for(DEVICE, quick=False)
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +47,8 @@ def batch(request, layer):
 
 
 def _run(benchmark, batch, name, fn):
-    benchmark.group = f"multi-lora {DEVICE} {S.dtype} {batch['phase']} K=N={S.k} {S.adapters} adapters"
-    benchmark.name = name
-    benchmark.extra_info.update(device=DEVICE)
-
-    def step():
-        with torch.no_grad():
-            y = fn()
-        _sync()
-        return y
-
-    step()  # warm-up: autotuning and lazy initialisation stay out of the timings
-    y = benchmark(step)
+    y = bench_call(benchmark, DEVICE, f"multi-lora {DEVICE} {S.dtype} {batch['phase']} K=N={S.k} {S.adapters} adapters",
+                   name, fn)
     assert y.shape == (*batch["x"].shape[:-1], S.n) and torch.isfinite(y).all()
 
 

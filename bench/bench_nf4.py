@@ -9,26 +9,19 @@ fp32, `ops.nf4_linear` on its torch backend (the interpreter is far too slow to 
 this with TRITON_INTERPRET=1 on a GPU machine: it would time the interpreter. bitsandbytes and
 the bandwidth figures are in `fastpeft bench` (its nf4 section), which checks outputs first.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastpeft import ops
+from fastpeft.bench.suite import bench_call, suite_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-DEVICE = "cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu"
+DEVICE = suite_device()
 if DEVICE == "cuda":
     WIDTH, DTYPE, BACKEND, MS = 4096, torch.bfloat16, "triton", (1, 16, 2048)
 else:
     WIDTH, DTYPE, BACKEND, MS = 512, torch.float32, "torch", (1, 16, 128)
 RANK, SCALING, BLOCKSIZE = 16, 2.0, 64
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +45,8 @@ def x(request):
 
 
 def _run(benchmark, x, name, fn, backend="torch"):
-    benchmark.group = f"nf4 {DEVICE} {DTYPE} M={x.shape[0]} K=N={WIDTH} r={RANK} bs={BLOCKSIZE} dq"
-    benchmark.name = name
-    benchmark.extra_info.update(device=DEVICE, backend=backend)
-
-    def step():
-        with torch.no_grad():
-            y = fn(x)
-        _sync()
-        return y
-
-    step()  # warm-up: autotuning and lazy initialisation stay out of the timings
-    y = benchmark(step)
+    y = bench_call(benchmark, DEVICE, f"nf4 {DEVICE} {DTYPE} M={x.shape[0]} K=N={WIDTH} r={RANK} bs={BLOCKSIZE} dq",
+                   name, lambda: fn(x), backend=backend)
     assert y.shape == (x.shape[0], WIDTH) and torch.isfinite(y).all()
 
 

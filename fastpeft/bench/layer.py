@@ -250,17 +250,8 @@ def run(device: str, quick: bool, bar: Progress) -> dict:
             rows.extend(here.values())
             calls = {}
             for impl, it in impls.items():  # check every output before timing any
-                if it.fn is None:
-                    continue
-                row = here[impl]
-                try:
-                    err = timing.rel_err(it.fn(x), refs[impl != "base"])
-                except Exception as e:  # noqa: BLE001  (one broken impl must not sink the run)
-                    row.status = f"error: {type(e).__name__}: {e}"
-                    continue
-                row.max_rel_err = err
-                if not math.isfinite(err) or err > tol:
-                    row.status = f"wrong: max rel err {err:.2e} > {tol:.0e}"
+                ref = refs[impl != "base"]
+                if it.fn is None or not timing.check_output(here[impl], lambda: it.fn(x), ref, tol):
                     continue
                 calls[impl] = [(lambda f: lambda: f(x))(c[impl].fn) for c in copies]
             if device == "cuda":

@@ -25,7 +25,6 @@ after checking that both produce the same codes.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -281,16 +280,8 @@ def _run_layer(layer, s, device, quick, bar, name, copy_bw, ms) -> list[Row]:
         for impl, (fn, _, _) in impls.items():  # check every output before timing any
             if fn is None:
                 continue
-            row = here[impl]
             ref, tol = refs[impl == "qlora"], _tolerance(impl, s.dtype)
-            try:
-                err = timing.rel_err(fn(x), ref)
-            except Exception as e:  # noqa: BLE001  (one broken impl must not sink the run)
-                row.status = f"error: {type(e).__name__}: {e}"
-                continue
-            row.max_rel_err = err
-            if not math.isfinite(err) or err > tol:
-                row.status = f"wrong: max rel err {err:.2e} > {tol:.0e}"
+            if not timing.check_output(here[impl], lambda: fn(x), ref, tol):
                 continue
             calls[impl] = [(lambda f: lambda: f(x))(c[impl][0]) for c in copies]
             checks[impl] = timing.replay_check(ref, tol)

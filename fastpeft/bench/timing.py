@@ -175,6 +175,21 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
 
 
+def check_output(row, fn: Callable[[], torch.Tensor], ref: torch.Tensor, tol: float) -> bool:
+    """Whether `fn()` is `ref` within `tol` (max_rel_err, recorded on `row`); if not, `row.status`
+    says why ("error: ..." when it raised: one broken impl must not sink the run, "wrong: ...")."""
+    try:
+        err = rel_err(fn(), ref)
+    except Exception as e:  # noqa: BLE001
+        row.status = f"error: {type(e).__name__}: {e}"
+        return False
+    row.max_rel_err = err
+    if not math.isfinite(err) or err > tol:
+        row.status = f"wrong: max rel err {err:.2e} > {tol:.0e}"
+        return False
+    return True
+
+
 def replay_check(ref: torch.Tensor, tol: float) -> Callable[[torch.Tensor], None]:
     """A `check` for time_cuda_graph: raises unless a replay's output is `ref` within `tol`."""
     def check(y: torch.Tensor) -> None:

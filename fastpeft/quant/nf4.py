@@ -374,13 +374,24 @@ def quantize_model(model: nn.Module, config: NF4Config | None = None) -> nn.Modu
     config = config or NF4Config()
     default = _default_skips(model)
     extra = ["lm_head", *(config.skip_modules or [])]
+
+    def picks(name: str, module: nn.Module) -> bool:
+        return type(module) is nn.Linear and name not in default and not _skipped(name, extra)
+
+    return _swap_all(model, "quantize_model", picks, lambda module: Linear4bit.from_linear(module, config))
+
+
+def _swap_all(model: nn.Module, caller: str, picks, convert) -> nn.Module:
+    """Replace each module that `picks(name, module)` by `convert(module)`, in place, returns
+    `model`. Every conversion runs before the first swap, so a ValueError (raised naming `caller`
+    and the module) leaves the model unchanged."""
     swaps = []
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and name not in default and not _skipped(name, extra):
+        if picks(name, module):
             try:
-                swaps.append((name, Linear4bit.from_linear(module, config)))
+                swaps.append((name, convert(module)))
             except ValueError as err:
-                raise ValueError(f"quantize_model: {name}: {err}") from None
+                raise ValueError(f"{caller}: {name}: {err}") from None
     for name, layer in swaps:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -394,14 +405,5 @@ def from_bnb_model(model: nn.Module, compute_dtype: torch.dtype | None = None) -
     layers are converted before the first swap, so a bad layer (fp4, ...) leaves it unchanged."""
     import bitsandbytes as bnb
 
-    swaps = []
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            try:
-                swaps.append((name, Linear4bit.from_bnb(module, compute_dtype)))
-            except ValueError as err:
-                raise ValueError(f"from_bnb_model: {name}: {err}") from None
-    for name, layer in swaps:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-    return model
+    return _swap_all(model, "from_bnb_model", lambda _, module: isinstance(module, bnb.nn.Linear4bit),
+                     lambda module: Linear4bit.from_bnb(module, compute_dtype))

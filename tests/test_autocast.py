@@ -4,23 +4,12 @@ import copy
 
 import peft
 import torch
-from torch import nn
 
 import fastpeft
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj, self.v_proj = nn.Linear(32, 32), nn.Linear(32, 16)
-
-    def forward(self, x):
-        return self.v_proj(torch.relu(self.q_proj(x)))
-
-
-def test_lora_under_cpu_bf16_autocast_matches_peft():
-    torch.manual_seed(0)
-    base = Tiny()
+def test_lora_under_cpu_bf16_autocast_matches_peft(make_model):
+    base = make_model("qv")
     kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     torch.manual_seed(1)
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw)).eval()

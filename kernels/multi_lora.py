@@ -32,12 +32,12 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels import configs
-from fastpeft.kernels._common import INTERPRET_CONFIG, interpreting, lora_epilogue, nf4_meta, nf4_tile
+from fastpeft.kernels._common import (DTYPES, INTERPRET_CONFIG, alloc_out, check_device, dot_meta, interpreting,
+                                      lora_epilogue, nf4_meta, nf4_tile)
 from fastpeft.kernels.nf4 import _state_args, nf4_linear_fwd
 
 __all__ = ["multi_lora_grouped_fwd", "multi_lora_gathered_fwd", "rank_pad"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Fixed launch settings (no autotune: the grouped grid depends on BLOCK_M, which the batch
 # metadata does not know; and autotuning in a decode loop would break graph capture).
 
@@ -263,7 +263,7 @@ def _prepare(kernel, x2d, weight, nf4, bias, lora_a, lora_b, offsets, ranks, sca
     """Shared checks and output allocation; returns (out, interpret, base arguments, meta)."""
     if x2d.dim() != 2:
         raise ValueError(f"x2d: expected [M, K], got {list(x2d.shape)}")
-    if x2d.dtype not in _DTYPES:
+    if x2d.dtype not in DTYPES:
         raise ValueError(f"x2d: dtype must be float32|float16|bfloat16, got {x2d.dtype}")
     M, K = x2d.shape
     N, base, base_meta = _base(x2d, weight, nf4)
@@ -279,18 +279,10 @@ def _prepare(kernel, x2d, weight, nf4, bias, lora_a, lora_b, offsets, ranks, sca
         if t.dim() != 1 or t.dtype != dtype or t.device != x2d.device or t.shape != offsets.shape:
             raise ValueError(f"{name}: expected [{offsets.shape[0]}] {dtype} on {x2d.device}, "
                              f"got {list(t.shape)} {t.dtype} on {t.device}")
-    interpret = interpreting(kernel)
-    if not interpret and not x2d.is_cuda:
-        raise ValueError(f"x2d is on {x2d.device}: Triton kernels need CUDA tensors "
-                         "(or TRITON_INTERPRET=1 set before triton is imported)")
-    if out is None:
-        out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-    elif tuple(out.shape) != (M, N) or out.dtype != x2d.dtype or out.device != x2d.device:
-        raise ValueError(f"out: expected [{M}, {N}] {x2d.dtype} on {x2d.device}, "
-                         f"got {list(out.shape)} {out.dtype} on {out.device}")
-    meta = dict(HAS_BIAS=bias is not None, UPCAST=interpret and x2d.dtype == torch.bfloat16,
-                INPUT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32", **base_meta)
-    return out, interpret, base, meta
+    check_device(kernel, x2d, "x2d")
+    out = alloc_out(out, (M, N), x2d)
+    meta = dict(HAS_BIAS=bias is not None, **dot_meta(kernel, x2d.dtype), **base_meta)
+    return out, interpreting(kernel), base, meta
 
 
 def multi_lora_grouped_fwd(x2d, weight, bias, lora_a, lora_b, offsets, ranks, scalings, max_rank,

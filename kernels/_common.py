@@ -22,7 +22,7 @@ Both look the 4-bit code up in bnb's NF4 table held as compile-time constants (a
 tree on the nibble's bits: no gather, no table in memory). The value is ``code * scale`` in fp32,
 exactly what bnb's `dequantize_4bit` computes before its single cast.
 
-Host helpers: `interpreting`, `check_device`, `alloc_out`, `dot_meta` (UPCAST/INPUT_PRECISION),
+Host helpers: `interpreting`, `check_device`, `check_tensor`, `alloc_out`, `dot_meta` (UPCAST/INPUT_PRECISION),
 `nf4_meta` (BS/ALIGNED/row pitch), used by every launcher.
 """
 from __future__ import annotations
@@ -49,6 +49,14 @@ def check_device(kernel, t: torch.Tensor, name: str = "x") -> None:
     if not interpreting(kernel) and not t.is_cuda:
         raise ValueError(f"{name} is on {t.device}: Triton kernels need CUDA tensors "
                          "(or TRITON_INTERPRET=1 set before triton is imported)")
+
+
+def check_tensor(name: str, t: torch.Tensor, shape: tuple, ref: torch.Tensor) -> None:
+    """ValueError unless `t` has `shape` and ref's dtype and device."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(f"{name}: expected {ref.dtype} on {ref.device}, got {t.dtype} on {t.device}")
 
 
 def alloc_out(out, shape, ref: torch.Tensor) -> torch.Tensor:

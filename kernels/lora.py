@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels import configs
-from fastpeft.kernels._common import DTYPES, INTERPRET_CONFIG, grouped_tile, interpreting, k_loop, lora_epilogue
+from fastpeft.kernels._common import (DTYPES, INTERPRET_CONFIG, alloc_out, check_device, check_tensor, dot_meta,
+                                      grouped_tile,                                       interpreting, k_loop, lora_epilogue)
 
 __all__ = ["lora_fwd", "lora_bwd_dx", "scaled_linear_fwd"]
 
@@ -109,12 +110,17 @@ _lora_fwd_kernel_tuned = configs.autotuned(
     _lora_fwd_kernel, "LORA_FWD", key=["M_BUCKET", "P", "Q", "R_PAD", "HAS_LORA", "HAS_IN_SCALE"])
 
 
-def _check(name: str, t: torch.Tensor, shape: tuple, ref: torch.Tensor) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype != ref.dtype or t.device != ref.device:
-        raise ValueError(f"{name}: expected {ref.dtype} on {ref.device}, "
-                         f"got {t.dtype} on {t.device}")
+def _check_layer(ref, weight, lora_A, lora_B, N, K, **optional) -> None:
+    """weight [N, K], lora_A [r, K], lora_B [N, r] and the optional vectors (bias and col_scale
+    [N], rank_scale [r]) in ref's dtype and device."""
+    r = lora_A.shape[0]
+    check_tensor("weight", weight, (N, K), ref)
+    check_tensor("lora_A", lora_A, (r, K), ref)
+    check_tensor("lora_B", lora_B, (N, r), ref)
+    sizes = {"bias": N, "col_scale": N, "rank_scale": r}
+    for name, t in optional.items():
+        if t is not None:
+            check_tensor(name, t, (sizes[name],), ref)
 
 
 def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None, in_scale=None):
@@ -128,14 +134,9 @@ def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None, 
         raise ValueError(f"x: dtype must be float32|float16|bfloat16, got {x.dtype}")
     if R < 1:
         raise ValueError(f"rank must be >= 1, got {R}")
+    check_device(_lora_fwd_kernel, x)
     interpret = interpreting(_lora_fwd_kernel)
-    if not interpret and not x.is_cuda:
-        raise ValueError(f"x is on {x.device}: Triton kernels need CUDA tensors "
-                         "(or TRITON_INTERPRET=1 set before triton is imported)")
-    if out is None:
-        out = torch.empty((M, P), dtype=x.dtype, device=x.device)
-    else:
-        _check("out", out, (M, P), x)
+    out = alloc_out(out, (M, P), x)
     if M == 0 or P == 0:
         return out
 
@@ -150,8 +151,7 @@ def _launch(x, wt, bias, at, bt, scaling, out, rank_scale=None, col_scale=None, 
         HAS_COL_SCALE=col_scale is not None,
         HAS_IN_SCALE=in_scale is not None,
         HAS_LORA=has_lora,
-        UPCAST=interpret and x.dtype == torch.bfloat16,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **dot_meta(_lora_fwd_kernel, x.dtype),
     )
     kernel = _lora_fwd_kernel if interpret else _lora_fwd_kernel_tuned.get()
     if interpret:
@@ -192,15 +192,7 @@ def lora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x2d.dim() != 2:
         raise ValueError(f"x2d: expected [M, K], got {list(x2d.shape)}")
     K, N, r = x2d.shape[1], weight.shape[0], lora_A.shape[0]
-    _check("weight", weight, (N, K), x2d)
-    _check("lora_A", lora_A, (r, K), x2d)
-    _check("lora_B", lora_B, (N, r), x2d)
-    if bias is not None:
-        _check("bias", bias, (N,), x2d)
-    if rank_scale is not None:
-        _check("rank_scale", rank_scale, (r,), x2d)
-    if col_scale is not None:
-        _check("col_scale", col_scale, (N,), x2d)
+    _check_layer(x2d, weight, lora_A, lora_B, N, K, bias=bias, rank_scale=rank_scale, col_scale=col_scale)
     return _launch(x2d, weight.t(), bias, lora_A.t(), lora_B.t(), scaling, out, rank_scale, col_scale)
 
 
@@ -218,12 +210,8 @@ def lora_bwd_dx(dy2d: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
     """
     if dy2d.dim() != 2:
         raise ValueError(f"dy2d: expected [M, N], got {list(dy2d.shape)}")
-    N, K, r = dy2d.shape[1], weight.shape[1], lora_A.shape[0]
-    _check("weight", weight, (N, K), dy2d)
-    _check("lora_A", lora_A, (r, K), dy2d)
-    _check("lora_B", lora_B, (N, r), dy2d)
-    if rank_scale is not None:
-        _check("rank_scale", rank_scale, (r,), dy2d)
+    N, K = dy2d.shape[1], weight.shape[1]
+    _check_layer(dy2d, weight, lora_A, lora_B, N, K, rank_scale=rank_scale)
     return _launch(dy2d, weight, None, lora_B, lora_A, scaling, out, rank_scale)
 
 
@@ -240,11 +228,11 @@ def scaled_linear_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if x2d.dim() != 2:
         raise ValueError(f"x2d: expected [M, K], got {list(x2d.shape)}")
     K, N = x2d.shape[1], weight.shape[0]
-    _check("weight", weight, (N, K), x2d)
+    check_tensor("weight", weight, (N, K), x2d)
     if bias is not None:
-        _check("bias", bias, (N,), x2d)
+        check_tensor("bias", bias, (N,), x2d)
     if in_scale is not None:
-        _check("in_scale", in_scale, (K,), x2d)
+        check_tensor("in_scale", in_scale, (K,), x2d)
     if col_scale is not None:
-        _check("col_scale", col_scale, (N,), x2d)
+        check_tensor("col_scale", col_scale, (N,), x2d)
     return _launch(x2d, weight.t(), bias, None, None, 0.0, out, None, col_scale, in_scale)

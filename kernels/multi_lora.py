@@ -18,9 +18,10 @@ Two kernels, one launch per layer each:
            cores. The grid depends only on M and N, so a decode step can be captured in a graph.
 Heterogeneous ranks: R_PAD is the bank's largest rank rounded up to a power of two >= 16 (tl.dot
 needs >= 16); the rank dimension is masked per adapter, never padded by copying weights.
-NF4 base (constexpr NF4, multi-tenant QLoRA): the base weight is bitsandbytes' NF4 state, each
-[BLOCK_K, BLOCK_N] tile decoded in registers by kernels/nf4.py's `_nf4_decode` (flat index
-n * K + k), so the 4-bit weight is never materialized either.
+NF4 base (multi-tenant QLoRA): the grouped kernel decodes each [BLOCK_K, BLOCK_N] tile of the
+base in registers with `_common.nf4_tile` (constexpr NF4), so the 4-bit weight is never
+materialized. The gathered (decode) launcher runs the base through kernels/nf4.py (its split-K
+GEMV at M <= 16) into the output, then adds the gathered LoRA terms onto it (BASE_IN_Y).
 
 jit code and launchers only: no autograd, no nn (see fastpeft/ops.py).
 """
@@ -31,12 +32,12 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels import configs
-from fastpeft.kernels._common import INTERPRET_CONFIG, interpreting, lora_epilogue, nf4_meta, nf4_tile
-from fastpeft.kernels.nf4 import _state_args
+from fastpeft.kernels._common import (DTYPES, INTERPRET_CONFIG, alloc_out, check_device, dot_meta, interpreting,
+                                      lora_epilogue, nf4_meta, nf4_tile)
+from fastpeft.kernels.nf4 import _state_args, nf4_linear_fwd
 
 __all__ = ["multi_lora_grouped_fwd", "multi_lora_gathered_fwd", "rank_pad"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Fixed launch settings (no autotune: the grouped grid depends on BLOCK_M, which the batch
 # metadata does not know; and autotuning in a decode loop would break graph capture).
 
@@ -164,11 +165,10 @@ def _multi_lora_grouped_fwd_kernel(
 def _multi_lora_gathered_fwd_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr,
-    packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,  # NF4 base only
     ids_ptr,                                        # int32 [M], -1 = no adapter
     offsets_ptr, ranks_ptr, scalings_ptr,           # int32 [I], int32 [I], fp32 [I]
     # sizes: x [M, K], w [N, K], a [R_total, K], b [R_total, N], y [M, N]
-    M, N, K, row_bytes,
+    M, N, K,
     # strides, in elements
     stride_xm, stride_xk,
     stride_wn, stride_wk,
@@ -178,11 +178,12 @@ def _multi_lora_gathered_fwd_kernel(
     stride_ym, stride_yn,
     # meta-parameters
     R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, NF4: tl.constexpr, NESTED: tl.constexpr,
-    BS: tl.constexpr, ALIGNED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BASE_IN_Y: tl.constexpr,        # y already holds the base output (NF4 base): add the LoRA term
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[BLOCK_M tokens, BLOCK_N columns]: base by tl.dot, each token's LoRA term gathered."""
+    """y[BLOCK_M tokens, BLOCK_N columns]: base by tl.dot (or read from y), each token's LoRA term
+    gathered."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -191,6 +192,7 @@ def _multi_lora_gathered_fwd_kernel(
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
 
     ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
     has = ids >= 0
@@ -201,23 +203,26 @@ def _multi_lora_gathered_fwd_kernel(
     mask_mr = offs_r[None, :] < rank[:, None]                           # [BLOCK_M, R_PAD]
     rows = offset[:, None] + offs_r[None, :]                            # bank rows per token
 
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     a_ptrs = a_ptr + rows[:, :, None] * stride_ar + offs_k[None, None, :] * stride_ak
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BASE_IN_Y:
+        acc = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         mask_k = offs_k < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = _base_tile(w_ptrs, packed_ptr, absmax_ptr, code8_ptr, nested_absmax_ptr, offset_ptr,
-                       offs_n, k * BLOCK_K, mask_k, mask_n, K, row_bytes, NF4, NESTED, BS, ALIGNED,
-                       BLOCK_K)
         a = tl.load(a_ptrs, mask=mask_mr[:, :, None] & mask_k[None, None, :], other=0.0)
         xf = x.to(tl.float32)
-        if UPCAST:
-            x = xf
-        w = w.to(x.dtype)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        if not BASE_IN_Y:
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:
+                x = xf
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         xa += tl.sum(xf[:, None, :] * a.to(tl.float32), axis=2)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -229,8 +234,7 @@ def _multi_lora_gathered_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _base(x2d, weight, nf4) -> tuple:
@@ -259,7 +263,7 @@ def _prepare(kernel, x2d, weight, nf4, bias, lora_a, lora_b, offsets, ranks, sca
     """Shared checks and output allocation; returns (out, interpret, base arguments, meta)."""
     if x2d.dim() != 2:
         raise ValueError(f"x2d: expected [M, K], got {list(x2d.shape)}")
-    if x2d.dtype not in _DTYPES:
+    if x2d.dtype not in DTYPES:
         raise ValueError(f"x2d: dtype must be float32|float16|bfloat16, got {x2d.dtype}")
     M, K = x2d.shape
     N, base, base_meta = _base(x2d, weight, nf4)
@@ -275,18 +279,10 @@ def _prepare(kernel, x2d, weight, nf4, bias, lora_a, lora_b, offsets, ranks, sca
         if t.dim() != 1 or t.dtype != dtype or t.device != x2d.device or t.shape != offsets.shape:
             raise ValueError(f"{name}: expected [{offsets.shape[0]}] {dtype} on {x2d.device}, "
                              f"got {list(t.shape)} {t.dtype} on {t.device}")
-    interpret = interpreting(kernel)
-    if not interpret and not x2d.is_cuda:
-        raise ValueError(f"x2d is on {x2d.device}: Triton kernels need CUDA tensors "
-                         "(or TRITON_INTERPRET=1 set before triton is imported)")
-    if out is None:
-        out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-    elif tuple(out.shape) != (M, N) or out.dtype != x2d.dtype or out.device != x2d.device:
-        raise ValueError(f"out: expected [{M}, {N}] {x2d.dtype} on {x2d.device}, "
-                         f"got {list(out.shape)} {out.dtype} on {out.device}")
-    meta = dict(HAS_BIAS=bias is not None, UPCAST=interpret and x2d.dtype == torch.bfloat16,
-                INPUT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32", **base_meta)
-    return out, interpret, base, meta
+    check_device(kernel, x2d, "x2d")
+    out = alloc_out(out, (M, N), x2d)
+    meta = dict(HAS_BIAS=bias is not None, **dot_meta(kernel, x2d.dtype), **base_meta)
+    return out, interpreting(kernel), base, meta
 
 
 def multi_lora_grouped_fwd(x2d, weight, bias, lora_a, lora_b, offsets, ranks, scalings, max_rank,
@@ -331,6 +327,14 @@ def multi_lora_gathered_fwd(x2d, weight, bias, lora_a, lora_b, offsets, ranks, s
     Tensors as in `multi_lora_grouped_fwd` (a dense or an NF4 base); token_ids: int32 [M] adapter
     id per token (-1: base only) -> out [M, N] x2d.dtype. The grid depends on M and N only
     (CUDA-graph friendly).
+
+    Dense base: one launch, base GEMM and LoRA term fused. NF4 base: the base (and bias) is
+    `nf4.nf4_linear_fwd`'s launch (at M <= 16 its split-K GEMV, which streams the packed weight
+    with wide loads over >= 264 programs), written to `out`; then this kernel adds each token's
+    LoRA term onto it. A gathered kernel that decoded NF4 itself would stream the weight over
+    only ceil(N / BLOCK_N) programs with [BLOCK_N, BLOCK_K] byte tiles too small for wide loads
+    (its [BLOCK_M, R_PAD, BLOCK_K] gathered-A tile caps BLOCK_K). The base is rounded to the
+    activation dtype once before the LoRA term is added, as PEFT's ``base(x) + lora(x)`` does.
     """
     out, interpret, base, meta = _prepare(_multi_lora_gathered_fwd_kernel, x2d, weight, nf4, bias,
                                           lora_a, lora_b, offsets, ranks, scalings, out)
@@ -340,13 +344,20 @@ def multi_lora_gathered_fwd(x2d, weight, bias, lora_a, lora_b, offsets, ranks, s
     cfg = dict(INTERPRET_CONFIG if interpret else gathered_config(rank_pad(max_rank)))
     cfg.pop("GROUP_M", None)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    w, stride_wn, stride_wk, *state, row_bytes = base
+    base_in_y = nf4 is not None
+    if base_in_y:
+        packed, absmax, shape, blocksize, nested, code4 = nf4
+        nf4_linear_fwd(x2d, packed, absmax, shape, blocksize, nested, bias, None, None, 0.0, code4, out=out)
+    w, stride_wn, stride_wk = base[:3]
+    for key in ("NF4", "NESTED", "BS", "ALIGNED"):
+        meta.pop(key)
+    meta["HAS_BIAS"] = bias is not None and not base_in_y
     _multi_lora_gathered_fwd_kernel[grid](
-        x2d, w, x2d if bias is None else bias, lora_a, lora_b, out, *state,
+        x2d, w, x2d if bias is None else bias, lora_a, lora_b, out,
         token_ids, offsets, ranks, scalings,
-        M, N, x2d.shape[1], row_bytes,
+        M, N, x2d.shape[1],
         x2d.stride(0), x2d.stride(1), stride_wn, stride_wk,
         lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
         0 if bias is None else bias.stride(0), out.stride(0), out.stride(1),
-        R_PAD=rank_pad(max_rank), **meta, **cfg)
+        R_PAD=rank_pad(max_rank), BASE_IN_Y=base_in_y, **meta, **cfg)
     return out

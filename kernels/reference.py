@@ -243,13 +243,7 @@ def nf4_linear_fwd(x2d: Tensor, packed: Tensor, absmax: Tensor, shape: tuple[int
     rank_scale [r] (with LoRA) and col_scale [N]: as in `lora_fwd`."""
     weight = nf4_dequantize(packed, absmax, shape, blocksize, x2d.dtype, nested)
     if lora_A is None:
-        xf = x2d.float()
-        y = F.linear(xf, weight.float())
-        if col_scale is not None:
-            y.mul_(col_scale.float())
-        if bias is not None:
-            y.add_(bias.float())
-        return y.to(x2d.dtype)
+        return scaled_linear_fwd(x2d, weight, bias, col_scale=col_scale)
     return lora_fwd(x2d, weight, bias, lora_A, lora_B, scaling, rank_scale=rank_scale,
                     col_scale=col_scale)
 

@@ -283,9 +283,6 @@ def test_check_kernels_quick_covers_every_family_on_both_targets(quick_run):
 
 
 @needs_ptxas
-@pytest.mark.xfail(strict=True, reason="still failing on main: _adapter_fwd_kernel launches 1 program at M=1 "
-                   "(needs a split over the bottleneck); _multi_lora_gathered_fwd_kernel over NF4 loads packed "
-                   "bytes 2 B wide and launches 256 < 264 programs at M=1")
 def test_check_kernels_quick_passes_on_the_real_kernels(quick_run):
     rc, rep = quick_run
     assert rc == 0, rep["summary"]

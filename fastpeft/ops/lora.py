@@ -4,15 +4,14 @@ base); their PyTorch reference, the CPU path and the tests' oracle: `fastpeft/ke
 """
 from __future__ import annotations
 
-import contextlib
 import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpeft.ops._backend import (check_dropout, check_float, check_scale_shapes, check_types,
-                                   describe, kernels, resolve_backend)
+from fastpeft.ops._backend import (autocast_cast, check_dropout, check_float, check_scale_shapes,
+                                   check_types, describe, kernels, no_autocast, resolve_backend)
 
 __all__ = ["LoraLinearFunction", "lora_linear"]
 
@@ -177,22 +176,6 @@ class LoraLinearFunction(torch.autograd.Function):
 
 # -- torch.library: `torch.ops.fastpeft.lora_linear` (+ its dX op), opaque to torch.compile with a
 # fake (meta) kernel and an autograd formula, so a compiled model traces one node per layer.
-def autocast_cast(x: Tensor, *tensors):
-    """Under ``torch.autocast(x.device.type, dtype)``, x and the float `tensors` (None kept) in the
-    autocast dtype (the dtype PEFT's layers compute and return in there); else as given."""
-    dev = x.device.type if isinstance(x, Tensor) else None
-    if dev is None or not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
-        return (x, *tensors)
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, *tensors))
-
-
-def no_autocast(x: Tensor):
-    """A context in which an op's real kernel runs in its inputs' dtype (autocast is off)."""
-    dev = x.device.type
-    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
-
-
 @torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
 def _lora_linear_op(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                     scaling: float, backend: str, rank_scale: Tensor | None,

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fastpeft.kernels import reference
 from fastpeft.ops._backend import (check_dropout, check_float, check_like, check_types, describe,
-                                   kernels, no_autocast, resolve_backend)
+                                   kernels, autocast_cast, no_autocast, resolve_backend)
 
 __all__ = ["bottleneck_adapter"]
 
@@ -95,8 +95,11 @@ def bottleneck_adapter(x: Tensor, down_w: Tensor, down_b: Tensor | None, up_w: T
     None (all x.dtype, same device, 1 <= b <= 256); activation: relu|gelu|silu|tanh; residual:
     [..., H] like x, or None for the serial form (res = x: Houlsby / Pfeiffer) -> [..., H] x.dtype.
     `dropout` > 0 (modules pass it only in training) drops the adapter's input, never the residual.
-    Checked before any kernel runs; differentiable in every tensor.
+    Checked before any kernel runs; differentiable in every tensor. Under
+    ``torch.autocast(x.device.type, dtype)`` every tensor is cast to that dtype first, and the
+    result is in it (as a linear layer's under autocast).
     """
+    x, down_w, down_b, up_w, up_b, residual = autocast_cast(x, down_w, down_b, up_w, up_b, residual)
     named = {"x": x, "down_w": down_w, "up_w": up_w, "down_b": down_b, "up_b": up_b, "residual": residual}
     named = {k: v for k, v in named.items() if v is not None}
     check_types("bottleneck_adapter", named)

@@ -94,7 +94,7 @@ def test_gradients_match_autograd(device, backend, shape, dtype, grad, conv1d):
     leaves = {k: t["param"] if (k == "weight" and conv1d) else t[k] for k in grad}
     dy = torch.randn(*shape, N, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
-    y = ops.lora_linear(*_args(t), s)  # through LoraLinearFunction: something requires grad
+    y = ops.lora_linear(*_args(t), s)  # through the autograd of fastpeft::lora_linear: something requires grad
     y.backward(dy)
     got = {k: v.grad for k, v in leaves.items()}
     for v in leaves.values():

@@ -138,13 +138,10 @@ class IA3Linear(AdapterLayer):
             return self.base_layer(x, *args, **kwargs)
         dtype = self.base_layer.weight.dtype
         bias = self.base_layer.bias
-        return ops.ia3_linear(
-            x.to(dtype),
-            self.base_weight(),
-            bias,
-            self.ia3_l[name].to(dtype).reshape(-1),
-            self.is_feedforward,
-        ).to(x.dtype)
+        y = ops.ia3_linear(x.to(dtype), self.base_weight(), bias, self.ia3_l[name].to(dtype).reshape(-1),
+                           self.is_feedforward)
+        # under autocast the op returns the autocast dtype, as PEFT's layer (its base linear) does
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, feedforward={self.is_feedforward}, {super().extra_repr()}"

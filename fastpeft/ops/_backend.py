@@ -10,6 +10,7 @@ time, then ``"auto"``. Triton is imported only when the ``"triton"`` backend run
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from types import ModuleType
 
@@ -117,3 +118,19 @@ def check_scale_shapes(op: str, rank_scale, col_scale, lora_A, N: int, n_source:
 def needs_grad(*tensors) -> bool:
     """Whether an op on these inputs must record autograd (else it skips the Function's overhead)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def autocast_cast(x: Tensor, *tensors):
+    """Under ``torch.autocast(x.device.type, dtype)``, x and the float `tensors` (None kept) in the
+    autocast dtype (the dtype PEFT's layers compute and return in there); else as given."""
+    dev = x.device.type if isinstance(x, Tensor) else None
+    if dev is None or not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, *tensors))
+
+
+def no_autocast(x: Tensor):
+    """A context in which an op's real kernel runs in its inputs' dtype (autocast is off)."""
+    dev = x.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastpeft.ops._backend import check_float, check_like, check_types, describe, kernels, needs_grad, resolve_backend
+from fastpeft.ops._backend import (autocast_cast, check_float, check_like, check_types, describe, kernels,
+                                   needs_grad, no_autocast, resolve_backend)
 
 __all__ = ["IA3LinearFunction", "ia3_linear"]
 
@@ -83,8 +84,11 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, fe
 
     x: [..., K] fp32|fp16|bf16 any strides; weight: [N, K] x.dtype any strides (``Conv1D.weight.T``
     is read in place); bias: [N] x.dtype or None; scale: [K] (feedforward) or [N] x.dtype
-    -> [..., N] x.dtype. Checked before any kernel runs; differentiable in all tensors.
+    -> [..., N] x.dtype. Checked before any kernel runs; differentiable in all tensors. Under
+    ``torch.autocast(x.device.type, dtype)`` every tensor is cast to that dtype first (PEFT's
+    layer returns the autocast dtype there, as its base linear does).
     """
+    x, weight, bias, scale = autocast_cast(x, weight, bias, scale)
     named = {"x": x, "weight": weight, "scale": scale, **({} if bias is None else {"bias": bias})}
     check_types("ia3_linear", named)
     if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
@@ -101,11 +105,12 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, fe
     check_like("ia3_linear", named, x)
     which = resolve_backend(x, backend)
     x2d = x.reshape(-1, K)
-    if needs_grad(*named.values()):
-        y = IA3LinearFunction.apply(x2d, weight, bias, scale, bool(feedforward), which)
-    elif feedforward:  # inference: skip the autograd.Function's per-call overhead
-        y = _scaled_linear(which, x2d, weight, bias, in_scale=scale)
-    else:
-        y = _scaled_linear(which, x2d, weight, None if bias is None else bias * scale, col_scale=scale)
+    with no_autocast(x):
+        if needs_grad(x, weight, bias, scale):
+            y = IA3LinearFunction.apply(x2d, weight, bias, scale, bool(feedforward), which)
+        elif feedforward:  # inference: skip the autograd.Function's per-call overhead
+            y = _scaled_linear(which, x2d, weight, bias, in_scale=scale)
+        else:
+            y = _scaled_linear(which, x2d, weight, None if bias is None else bias * scale, col_scale=scale)
     return y.reshape(*x.shape[:-1], N)
 

@@ -1,20 +1,20 @@
-"""LoRA, AdaLoRA and DoRA linears (and the fused base of QLoRA): `LoraLinearFunction` and
-`lora_linear`. Kernels: `fastpeft/kernels/lora.py` (dense base), `fastpeft/kernels/nf4.py` (NF4
-base); their PyTorch reference, the CPU path and the tests' oracle: `fastpeft/kernels/reference.py`.
+"""LoRA, AdaLoRA and DoRA linears (and the fused base of QLoRA): `lora_linear`, run as the custom
+op `torch.ops.fastpeft.lora_linear` (fake kernel + registered autograd, dX by its own op).
+Kernels: `fastpeft/kernels/lora.py` (dense base), `fastpeft/kernels/nf4.py` (NF4 base); their
+PyTorch reference, the CPU path and the tests' oracle: `fastpeft/kernels/reference.py`.
 """
 from __future__ import annotations
 
-import contextlib
 import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpeft.ops._backend import (check_dropout, check_float, check_scale_shapes, check_types,
-                                   describe, kernels, resolve_backend)
+from fastpeft.ops._backend import (autocast_cast, check_dropout, check_float, check_scale_shapes,
+                                   check_types, describe, kernels, no_autocast, resolve_backend)
 
-__all__ = ["LoraLinearFunction", "lora_linear"]
+__all__ = ["lora_linear"]
 
 
 def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout,
@@ -107,92 +107,8 @@ def dropout_lora(base, x, lora_A, lora_B, scaling, dropout, rank_scale, col_scal
     return base(x, True) + (col_scale - 1) * base(xd, False) + col_scale * (scaling * lora)
 
 
-class LoraLinearFunction(torch.autograd.Function):
-    """Fused LoRA linear on 2-D activations, over a dense or an NF4 base: the one place that
-    holds the backward maths of the LoRA factors and the AdaLoRA/DoRA scales.
-
-    forward(x2d [M, K], weight [N, K]|None, bias [N]|None, lora_A [r, K]|None, lora_B [N, r]|None,
-    scaling: float, backend: "triton"|"torch", rank_scale [r]|None, col_scale [N]|None,
-    nf4_args: tuple|None) -> [M, N] x2d.dtype, ``y = f * (x W^T + s ((x A^T) diag(e)) B^T) + b``
-    (e, f = 1 when None). The base is `weight`, or with `nf4_args` (see `fastpeft.ops.nf4.nf4_args`; weight None)
-    a frozen NF4 weight whose forward and dX run the fused dequant kernels of `kernels/nf4.py`;
-    lora_A/lora_B may be None only on an NF4 base (the bare 4-bit layer). The backend is fixed at
-    forward time.
-    Backward returns grads only for the inputs that need them: dX through the fused kernel
-    (``dX = dZ W + s ((dZ B) diag(e)) A`` with dZ = f * dY, the same kernel as the forward with
-    operands swapped), dA = s ((dZ B) diag(e))^T X and dB = s dZ^T (X A^T) diag(e) as plain GEMMs
-    (X A^T is recomputed, not saved: it costs an [M, r] GEMM and saves an activation per layer),
-    de = s colsum((X A^T) * (dZ B)), dW = dZ^T X, dbias = sum(dY) only when trainable.
-    df = colsum(dY * Z) needs the pre-scale output Z: only when f requires grad (DoRA training)
-    does the forward run the kernel without f and bias, keep Z, and apply ``Z * f + b`` itself.
-    """
-
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling, backend, rank_scale=None,
-                col_scale=None, nf4_args=None):
-        need = ctx.needs_input_grad
-        need_f = col_scale is not None and need[8]
-        if need_f:
-            z = fused_fwd(backend, nf4_args, x2d, weight, None, lora_A, lora_B, scaling,
-                           rank_scale, None)
-            y = z * col_scale if bias is None else torch.addcmul(bias, z, col_scale)
-        else:
-            z = None
-            y = fused_fwd(backend, nf4_args, x2d, weight, bias, lora_A, lora_B, scaling,
-                           rank_scale, col_scale)
-        # X is needed only for the weight-side grads; dX needs just W, A, B (and the scales).
-        ctx.save_for_backward(x2d if (need[1] or need[3] or need[4] or need[7]) else None,
-                              weight, lora_A, lora_B, rank_scale, col_scale, z)
-        ctx.scaling, ctx.backend, ctx.nf4_args = scaling, backend, nf4_args
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, e, f, z = ctx.saved_tensors
-        s = ctx.scaling
-        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        need_e, need_f = ctx.needs_input_grad[7:9]
-        dx = dw = db = dA = dB = de = df = None
-        dz = dy if f is None else dy * f
-        if need_x:
-            dx = fused_bwd_dx(ctx.backend, ctx.nf4_args, dz, weight, lora_A, lora_B, s, e)
-        if need_A or need_e:
-            dzb = dz @ lora_B                             # [M, N] @ [N, r]
-            if need_A:
-                dA = (s * (dzb if e is None else dzb * e)).t() @ x2d   # [r, M] @ [M, K]
-        if need_B or need_e:
-            xa = x2d @ lora_A.t()                         # [M, K] @ [K, r]
-            if need_B:
-                dB = dz.t() @ (s * (xa if e is None else xa * e))      # [N, M] @ [M, r]
-        if need_e:
-            de = s * (xa * dzb).sum(0)
-        if need_f:
-            df = (dy * z).sum(0)
-        if need_w:
-            dw = dz.t() @ x2d                             # [N, M] @ [M, K]
-        if need_b:
-            db = dy.sum(0)
-        return dx, dw, db, dA, dB, None, None, de, df, None
-
-
 # -- torch.library: `torch.ops.fastpeft.lora_linear` (+ its dX op), opaque to torch.compile with a
 # fake (meta) kernel and an autograd formula, so a compiled model traces one node per layer.
-def autocast_cast(x: Tensor, *tensors):
-    """Under ``torch.autocast(x.device.type, dtype)``, x and the float `tensors` (None kept) in the
-    autocast dtype (the dtype PEFT's layers compute and return in there); else as given."""
-    dev = x.device.type if isinstance(x, Tensor) else None
-    if dev is None or not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
-        return (x, *tensors)
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, *tensors))
-
-
-def no_autocast(x: Tensor):
-    """A context in which an op's real kernel runs in its inputs' dtype (autocast is off)."""
-    dev = x.device.type
-    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
-
-
 @torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
 def _lora_linear_op(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                     scaling: float, backend: str, rank_scale: Tensor | None,

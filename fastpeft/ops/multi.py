@@ -17,7 +17,7 @@ from torch import Tensor
 from fastpeft import batching
 from fastpeft.kernels import reference
 from fastpeft.ops._backend import FLOAT_DTYPES, check_types, describe, kernels, resolve_backend
-from fastpeft.ops.nf4 import nf4_args
+from fastpeft.ops.nf4 import flat_nf4, nf4_args, unflat_nf4
 
 __all__ = ["multi_lora_linear"]
 
@@ -57,7 +57,11 @@ def _bank_tables(bank, max_rank: int) -> tuple[Tensor, Tensor]:
 
 def _check_bank(bank, K: int, N: int, x: Tensor) -> None:
     """The bank's buffers fit x (K in, N out, x's dtype and device); checked once per bank change
-    (a bank changes through its methods only, each bumping `version`), not on every call."""
+    (a bank changes through its methods only, each bumping `version`), not on every call (traced
+    by torch.compile: checked while tracing)."""
+    if torch.compiler.is_compiling():
+        _check_bank_now(bank, K, N, x)
+        return
     _derived.get(bank, "checked", (bank.version, K, N, x.dtype, x.device),
                  lambda: _check_bank_now(bank, K, N, x))
 
@@ -152,12 +156,17 @@ def _batch_groups(token_adapter_ids, x: Tensor, M: int, bank) -> batching.TokenG
 
 
 def _launch(launchers, x, x2d, weight, qargs, bias, bank, groups, path) -> Tensor:
-    """Pick the grouped or gathered form and run it (checked inputs)."""
-    M, K = x2d.shape
+    """Pick the grouped or gathered form and run it as `torch.ops.fastpeft.multi_lora_linear`
+    (checked inputs). Eager calls hand the reference its tables and slots from the caches of
+    `_derived`; a traced call (torch.compile) computes them inside the op."""
+    (M, K), N = x2d.shape, weight.shape[0]  # weight: dense, or a meta tensor shaped like the NF4 one
     S, T = groups.num_segments, groups.tokens_per_row
     # the rank tile fits this batch's adapters, not every adapter registered (host ints: no sync)
     spans = bank.spans
-    max_rank = max(1, max((spans[i][1] for i in groups.adapters if i in spans), default=0))
+    max_rank = 1
+    for i in groups.adapters:
+        if i in spans and spans[i][1] > max_rank:
+            max_rank = spans[i][1]
     # gathered (one adapter per token) when segments are short: on a GPU when they average under
     # 16 tokens (the grouped kernel's row tile). The CPU path gathers each ROW's factors and
     # multiplies its T tokens in place, which copies less than sorting tokens into segments when
@@ -165,21 +174,69 @@ def _launch(launchers, x, x2d, weight, qargs, bias, bank, groups, path) -> Tenso
     on_reference = launchers is reference
     short = M < 16 * S if not on_reference else (max_rank <= T or groups.rows <= S)
     grouped = path == "grouped" or (path is None and not short)
-    if on_reference:
-        extra = {"tables": _bank_tables(bank, max_rank)}
+    cache: list[Tensor] = []
+    traced = torch.compiler.is_compiling()
+    if on_reference and not traced:
+        cache.extend(_bank_tables(bank, max_rank))
         if grouped and M and S and groups.max_segment:  # per batch
-            extra["slots"] = _derived.get(groups, "slots", None, lambda: reference.multi_lora_segment_slots(
-                groups.perm, groups.seg_start, S, groups.max_segment))
-    else:
-        extra = {"nf4": qargs} if qargs else {}
-    common = (x2d, None if qargs else weight, bias, bank.lora_a, bank.lora_b, bank.offsets, bank.ranks,
-              bank.scalings, max_rank)
+            cache.extend(_derived.get(groups, "slots", None, lambda: reference.multi_lora_segment_slots(
+                groups.perm, groups.seg_start, S, groups.max_segment)))
+        elif not grouped:
+            cache.append(_derived.get(groups, "row_slots", None, lambda: groups.row_ids.long() + 1))
+    flat = flat_nf4(qargs) if qargs else (None, None, 0, 0, 0, None, None, None, None)
+    packed, absmax, _, _, blocksize, code4, code8, nested_absmax, offset = flat
+    weight = None if qargs else weight
+    head = (bias, bank.lora_a, bank.lora_b, bank.offsets, bank.ranks, bank.scalings, max_rank, N)
+    tail = (backend_of(launchers), packed, absmax, blocksize, code4, code8, nested_absmax, offset, cache)
     if not grouped and on_reference:  # per row (x as [rows, T, K]), or per token when T == 1
-        table_slots = _derived.get(groups, "row_slots", None, lambda: groups.row_ids.long() + 1)
         rows = x if x.shape[:-1] == (groups.rows, T) else x2d.reshape(groups.rows, T, K) if T > 1 else x2d
-        return launchers.multi_lora_gathered_fwd(rows, *common[1:], groups.row_ids, table_slots=table_slots,
-                                                 **extra)
+        return torch.ops.fastpeft.multi_lora_linear(rows, weight, *head, groups.row_ids, None, None, None, 0, 0,
+                                                    *tail)
     if not grouped:
-        return launchers.multi_lora_gathered_fwd(*common, groups.token_ids, **extra)
-    return launchers.multi_lora_grouped_fwd(*common, groups.perm, groups.seg_start, groups.seg_adapter,
-                                            groups.num_segments, groups.max_segment, **extra)
+        return torch.ops.fastpeft.multi_lora_linear(x2d, weight, *head, groups.token_ids, None, None, None, 0, 0,
+                                                    *tail)
+    return torch.ops.fastpeft.multi_lora_linear(x2d, weight, *head, groups.token_ids, groups.perm, groups.seg_start,
+                                                groups.seg_adapter, S, groups.max_segment, *tail)
+
+
+def backend_of(launchers) -> str:
+    return "torch" if launchers is reference else "triton"
+
+
+# -- torch.library: `torch.ops.fastpeft.multi_lora_linear`, one opaque node per layer under
+# torch.compile, with a fake kernel; inference only, so no autograd formula.
+@torch.library.custom_op("fastpeft::multi_lora_linear", mutates_args=())
+def _multi_lora_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                   offsets: Tensor, ranks: Tensor, scalings: Tensor, max_rank: int, N: int, ids: Tensor,
+                   perm: Tensor | None, seg_start: Tensor | None, seg_adapter: Tensor | None,
+                   num_segments: int, max_segment: int, backend: str, packed: Tensor | None,
+                   absmax: Tensor | None, blocksize: int, code4: Tensor | None, code8: Tensor | None,
+                   nested_absmax: Tensor | None, offset: Tensor | None, cache: list[Tensor]) -> Tensor:
+    """[..., K] -> [..., N]: the grouped form when `perm` is given (ids: token ids, perm, seg_start,
+    seg_adapter, num_segments, max_segment as in `TokenGroups`), else the gathered form (ids: one
+    adapter id per row of x, x [M, K] or, on the torch backend, [rows, T, K]). The base is `weight`
+    [N, K], or the NF4 weight given flat (`packed` .. `offset`, Triton only). `cache`: empty, or the
+    reference's `multi_lora_tables` followed by its `multi_lora_segment_slots` (grouped) or the
+    table slots ids + 1 (gathered)."""
+    launchers = kernels(backend, "multi_lora")
+    extra: dict = {}
+    if packed is not None:
+        K = x.shape[-1]
+        extra["nf4"] = unflat_nf4(packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset)
+    if cache:
+        extra["tables"] = tuple(cache[:3])
+    common = (x, weight, bias, lora_a, lora_b, offsets, ranks, scalings, max_rank)
+    if perm is None:
+        if len(cache) > 3:
+            extra["table_slots"] = cache[3]
+        return launchers.multi_lora_gathered_fwd(*common, ids, **extra)
+    if len(cache) > 3:
+        extra["slots"] = tuple(cache[3:5])
+    return launchers.multi_lora_grouped_fwd(*common, perm, seg_start, seg_adapter, num_segments, max_segment,
+                                            **extra)
+
+
+@_multi_lora_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, offsets, ranks, scalings, max_rank, N, ids, perm, seg_start, seg_adapter,
+      num_segments, max_segment, backend, packed, absmax, blocksize, code4, code8, nested_absmax, offset, cache):
+    return x.new_empty((*x.shape[:-1], N))

@@ -14,10 +14,9 @@ import torch
 from torch import Tensor
 
 from fastpeft.kernels import reference
-from fastpeft.ops._backend import (check_dropout, check_float, check_like, check_scale_shapes,
-                                   describe, kernels, resolve_backend)
-from fastpeft.ops.lora import (autocast_cast, dropout_lora, fused_bwd_dx, fused_fwd, lora_grads,
-                              no_autocast, scaled_outside)
+from fastpeft.ops._backend import (autocast_cast, check_dropout, check_float, check_like,
+                                   check_scale_shapes, describe, kernels, no_autocast, resolve_backend)
+from fastpeft.ops.lora import dropout_lora, fused_bwd_dx, fused_fwd, lora_grads, scaled_outside
 
 __all__ = ["NF4Quantized", "nf4_quantize", "nf4_dequantize", "nf4_linear"]
 
@@ -123,7 +122,8 @@ def nf4_dequantize(qweight, dtype: torch.dtype | None = None, *, backend: str | 
 
 
 # -- torch.library: `torch.ops.fastpeft.nf4_linear` (+ its dX op); the NF4 state travels flattened
-def _pack(packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset) -> tuple:
+def unflat_nf4(packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset) -> tuple:
+    """`nf4_args` back from the flat arguments of `flat_nf4`."""
     nested = None if nested_absmax is None else (code8, nested_absmax, offset)
     return (packed, absmax, (N, K), blocksize, nested, code4)
 
@@ -143,7 +143,7 @@ def _nf4_linear_op(x2d: Tensor, packed: Tensor, absmax: Tensor, N: int, K: int, 
                    lora_B: Tensor | None, scaling: float, backend: str, rank_scale: Tensor | None,
                    col_scale: Tensor | None) -> Tensor:
     """[M, K] -> [M, N]: `fused_fwd` on an NF4 base (checked inputs, see `nf4_linear`)."""
-    args = _pack(packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset)
+    args = unflat_nf4(packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset)
     with no_autocast(x2d):
         return fused_fwd(backend, args, x2d, None, bias, lora_A, lora_B, scaling, rank_scale, col_scale)
 
@@ -160,7 +160,7 @@ def _nf4_linear_dx_op(dz: Tensor, packed: Tensor, absmax: Tensor, N: int, K: int
                       offset: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None,
                       scaling: float, backend: str, rank_scale: Tensor | None) -> Tensor:
     """[M, N] -> [M, K]: ``dX = dZ dequant(Wq) + s ((dZ B) diag(e)) A`` (`fused_bwd_dx`)."""
-    args = _pack(packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset)
+    args = unflat_nf4(packed, absmax, N, K, blocksize, code4, code8, nested_absmax, offset)
     with no_autocast(dz):
         return fused_bwd_dx(backend, args, dz, None, lora_A, lora_B, scaling, rank_scale)
 

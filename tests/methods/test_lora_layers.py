@@ -119,3 +119,23 @@ def test_unsupported_type_is_a_clear_error():
     model = nn.Sequential(nn.LayerNorm(4))
     with pytest.raises(ValueError, match="not supported"):
         fastpeft.get_peft_model(model, fastpeft.LoraConfig(target_modules=["0"]))
+
+
+@pytest.mark.parametrize("feedforward", [False, True], ids=["output", "feedforward"])
+def test_ia3_conv_matches_peft(base, tmp_path, feedforward):
+    targets = ["conv2d", "conv3d"]
+    kwargs = dict(target_modules=targets, feedforward_modules=targets if feedforward else [], init_ia3_weights=False)
+    torch.manual_seed(4)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**kwargs)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    expected = _run(theirs)
+    _close(_run(ours), expected)
+    ours.save_pretrained(tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    _close(_run(again), expected)
+    ours.merge_adapter()
+    _close(_run(ours), expected, atol=1e-4)
+    ours.unmerge_adapter()
+    _close(_run(ours), expected, atol=1e-4)

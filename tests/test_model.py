@@ -29,8 +29,8 @@ def test_unknown_target_modules_name_the_candidates(make_model):
 
 def test_unsupported_target_type_is_refused_before_any_swap(make_model):
     model = make_model("llama")
-    with pytest.raises(ValueError, match="embed_tokens of type Embedding is not supported"):
-        fastpeft.get_peft_model(model, lora(target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(ValueError, match="input_layernorm of type LlamaRMSNorm is not supported"):
+        fastpeft.get_peft_model(model, lora(target_modules=["q_proj", "input_layernorm"]))
     assert not any(isinstance(m, LoraLinear) for m in model.modules())
 
 

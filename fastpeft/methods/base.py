@@ -179,6 +179,12 @@ class BaseTuner(Wrapper):
     def _adapter_shapes(self, target: nn.Module, config: Any, key: str) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
+    SUPPORTED: ClassVar[str] = "nn.Linear and transformers' Conv1D"
+
+    def supports(self, target: nn.Module) -> bool:
+        """Whether this method can adapt a module of `target`'s type (default: linear layers)."""
+        return inject.is_linear(target)
+
     # -- injection -----------------------------------------------------------------------------
     def _walk(self):
         return inject.walk(self.model, (self.layer_cls, ModulesToSaveWrapper))
@@ -200,10 +206,10 @@ class BaseTuner(Wrapper):
         for key in keys:
             module = self.model.get_submodule(key)
             base = module.base_layer if isinstance(module, self.layer_cls) else module
-            if not inject.is_linear(base):
+            if not self.supports(base):
                 raise ValueError(
                     f"Target module {key} of type {type(base).__name__} is not supported: fastpeft's "
-                    f"{type(self).__name__} adapts nn.Linear and transformers' Conv1D"
+                    f"{type(self).__name__} adapts {self.SUPPORTED}"
                 )
             out.append((key, module))
         return out

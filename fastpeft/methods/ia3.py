@@ -30,6 +30,7 @@ from fastpeft.methods.base import AdapterLayer, BaseTuner
 from fastpeft.quant.nf4 import Linear4bit
 
 LAYER_NAME = "ia3_l"
+CONV_TYPES = (nn.Conv2d, nn.Conv3d)  # PEFT's IA3 adapts no Conv1d
 
 
 @dataclass
@@ -147,6 +148,64 @@ class IA3Linear(AdapterLayer):
         return f"in={self.in_features}, out={self.out_features}, feedforward={self.is_feedforward}, {super().extra_repr()}"
 
 
+class IA3Conv(IA3Linear):
+    """An nn.Conv2d/3d with IA3 vectors; PEFT's `ia3.Conv2d/3d`: `ia3_l` is `[1, C, 1, ...]` (C the
+    input channels for feedforward targets, else the output channels); reference path only."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: IA3Config, key: str, is_feedforward: bool):
+        AdapterLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self.is_feedforward = is_feedforward
+        self.ia3_l = nn.ParameterDict()
+        self.update_layer(adapter_name, config, key)
+
+    def update_layer(self, adapter_name: str, config: IA3Config, key: str) -> None:
+        features = self.in_features if self.is_feedforward else self.out_features
+        shape = (1, features) + (1,) * (self.base_layer.weight.dim() - 2)
+        device = self.base_layer.weight.device
+        vector = torch.ones(shape, device=device) if config.init_ia3_weights else torch.randn(shape, device=device)
+        self.ia3_l[adapter_name] = nn.Parameter(vector)
+
+    def _weight_scale(self, vector: torch.Tensor) -> torch.Tensor:
+        """`ia3_l` broadcast over the weight [out, in/groups, *k] (PEFT's _get_ia3_scaling_for_weight)."""
+        if not self.is_feedforward:
+            return vector.transpose(0, 1)
+        base = self.base_layer
+        if base.groups == 1:
+            return vector
+        per_in, per_out = base.in_channels // base.groups, base.out_channels // base.groups
+        grouped = vector.reshape(base.groups, 1, per_in, *vector.shape[2:])
+        grouped = grouped.expand(base.groups, per_out, per_in, *vector.shape[2:])
+        return grouped.reshape(base.out_channels, per_in, *vector.shape[2:])
+
+    def _scale_base(self, vector: torch.Tensor, safe_merge: bool, adapter_name: str) -> None:
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        new_w = weight.float() * self._weight_scale(vector.float())
+        new_b = None if self.is_feedforward or bias is None else bias.float() * vector.float().reshape(bias.shape)
+        if safe_merge and not all(torch.isfinite(t).all() for t in (new_w, new_b) if t is not None):
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+        weight.copy_(new_w.to(weight.dtype))
+        if new_b is not None:
+            bias.copy_(new_b.to(bias.dtype))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        name = self.active_adapter
+        if self.disable_adapters or self.merged or name is None:
+            return self.base_layer(x, *args, **kwargs)
+        vector = self.ia3_l[name]
+        if self.is_feedforward:
+            y = self.base_layer((x.to(vector.dtype) * vector).to(self.base_layer.weight.dtype), *args, **kwargs)
+        else:
+            y = self.base_layer(x, *args, **kwargs).to(vector.dtype) * vector
+        return y.to(x.dtype)
+
+    def __repr__(self) -> str:
+        return "ia3." + type(self.base_layer).__name__ + super().__repr__()[len(type(self).__name__):]
+
+
 class IA3Model(BaseTuner):
     """Injects `IA3Linear` into the targets of an `IA3Config`; PEFT's `IA3Model`."""
 
@@ -180,7 +239,14 @@ class IA3Model(BaseTuner):
                 raise ValueError(f"{key}: feedforward={config.is_feedforward(key)} differs from the IA3 adapters it holds")
         return targets
 
+    SUPPORTED: ClassVar[str] = "nn.Linear, transformers' Conv1D, nn.Conv2d and nn.Conv3d"
+
+    def supports(self, target: nn.Module) -> bool:
+        return inject.is_linear(target) or isinstance(target, CONV_TYPES)
+
     def _create_layer(self, target: nn.Module, adapter_name: str, config: IA3Config, key: str) -> IA3Linear:
+        if isinstance(target, CONV_TYPES):
+            return IA3Conv(target, adapter_name, config, key, config.is_feedforward(key))
         if config.fan_in_fan_out != _is_conv1d(target):  # PEFT corrects the flag to the layer type, loudly
             warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(target).__name__}: flipped")
             config.fan_in_fan_out = _is_conv1d(target)
@@ -190,6 +256,9 @@ class IA3Model(BaseTuner):
         layer.update_layer(adapter_name, config, key)
 
     def _adapter_shapes(self, target: nn.Module, config: IA3Config, key: str) -> dict[str, tuple[int, ...]]:
+        if isinstance(target, CONV_TYPES):
+            features = target.in_channels if config.is_feedforward(key) else target.out_channels
+            return {LAYER_NAME: (1, features) + (1,) * (target.weight.dim() - 2)}
         out_f, in_f = target.weight.shape
         if _is_conv1d(target):
             out_f, in_f = in_f, out_f

@@ -18,7 +18,7 @@ from torch import nn
 
 from fastpeft import batching, inject, ops, registry
 from fastpeft.config import PeftConfig
-from fastpeft.methods import dora
+from fastpeft.methods import dora, lora_layers
 from fastpeft.methods.base import AdapterLayer, BaseTuner
 from fastpeft.quant.nf4 import Linear4bit
 
@@ -234,6 +234,14 @@ class LoraLinear(AdapterLayer):
         return f"in={self.in_features}, out={self.out_features}, r={ranks}, {super().extra_repr()}"
 
 
+class LoraEmbedding(lora_layers.EmbeddingLayer, LoraLinear):
+    """LoRA on an nn.Embedding: PEFT's `lora.Embedding` (fastpeft/methods/lora_layers.py)."""
+
+
+class LoraConv(lora_layers.ConvLayer, LoraLinear):
+    """LoRA on an nn.Conv1d/2d/3d: PEFT's `lora.Conv1d/2d/3d` (fastpeft/methods/lora_layers.py)."""
+
+
 class LoraModel(BaseTuner):
     """Injects `LoraLinear` into the targets of a `LoraConfig`; PEFT's `LoraModel`."""
 
@@ -258,6 +266,10 @@ class LoraModel(BaseTuner):
     def _create_layer(self, target: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> LoraLinear:
         if isinstance(target, Linear4bit):  # PEFT's dispatch_bnb_4bit: LoRA over an NF4 base
             return NF4LoraLinear(target, adapter_name, config, key)
+        if isinstance(target, nn.Embedding):
+            return LoraEmbedding(target, adapter_name, config, key)
+        if isinstance(target, lora_layers.CONV_TYPES):
+            return LoraConv(target, adapter_name, config, key)
         if config.fan_in_fan_out != _is_conv1d(target):  # PEFT corrects the flag to the layer type, loudly
             warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(target).__name__}: flipped")
             config.fan_in_fan_out = _is_conv1d(target)
@@ -266,7 +278,16 @@ class LoraModel(BaseTuner):
     def _update_layer(self, layer: LoraLinear, adapter_name: str, config: LoraConfig, key: str) -> None:
         layer.update_layer(adapter_name, config, key)
 
+    SUPPORTED: ClassVar[str] = "nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv1d/2d/3d"
+
+    def supports(self, target: nn.Module) -> bool:
+        # subclasses with a layer type of their own (AdaLoRA's SVDLinear, UniPELT's) adapt linears only
+        return inject.is_linear(target) or (self.layer_cls is LoraLinear and lora_layers.is_lora_target(target))
+
     def _adapter_shapes(self, target: nn.Module, config: LoraConfig, key: str) -> dict[str, tuple[int, ...]]:
+        other = lora_layers.adapter_shapes(target, config, key)  # Embedding, ConvNd
+        if other is not None:
+            return other
         out_f, in_f = target.weight.shape
         if isinstance(target, Linear4bit):  # its `weight` is the packed 4-bit buffer
             out_f, in_f = target.out_features, target.in_features

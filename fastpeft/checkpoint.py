@@ -214,9 +214,11 @@ def load_into(tuner: BaseTuner, adapter_name: str, state_dict: dict[str, torch.T
             if adapter_name in wrapper.modules_to_save:
                 sub = {k[len(key) + 1 :]: v for k, v in state.items() if k.startswith(f"{key}.")}
                 wrapper.modules_to_save[adapter_name].load_state_dict(sub, strict=True)
-        params = dict(tuner.model.named_parameters())
-        for key in tuner._bias_keys(tuner.peft_config[adapter_name], [k for k, _ in tuner.adapter_layers()]):
-            if PREFIX + key in state_dict:
+        biases = [key for key in tuner._bias_keys(tuner.peft_config[adapter_name], [k for k, _ in tuner.adapter_layers()])
+                  if PREFIX + key in state_dict]
+        if biases:  # named_parameters walks every adapter: only when there is a bias to load
+            params = dict(tuner.model.named_parameters())
+            for key in biases:
                 params[key].copy_(state_dict[PREFIX + key])
 
 

@@ -87,7 +87,8 @@ class PeftModel(Wrapper):
                 f"peft_config: cannot add a {peft_config.peft_type} adapter to a model holding "
                 f"{held.peft_type if held else type(self.base_model).__name__} adapters"
             )
-        with transaction(self, dicts=[self.peft_config], objects=[peft_config]):
+        with transaction(self, dicts=[self.peft_config], objects=[peft_config],
+                         adapters_untouched=self.base_model.settles_new(adapter_name)):
             if peft_config.task_type == "SEQ_CLS" and hasattr(peft_config, "modules_to_save"):
                 heads = [n for n in SEQ_CLS_HEADS if hasattr(self.base_model.model, n)]
                 peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(heads)) or None

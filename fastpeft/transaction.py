@@ -6,6 +6,11 @@ buffers and plain attributes (dicts, lists and sets shallow-copied: adapter laye
 scalings there), every parameter's `requires_grad`, the given dicts (e.g. `peft_config`), and, for
 the tensors named in `values`, a copy of their data (merges and loads write in place). Restoring
 puts all of it back, so the modules, the state dict and the trainable set are what they were.
+
+`adapters_untouched=True` (an add that settles only its own adapter, issue 24): the adapters
+already registered are neither walked nor their `requires_grad` recorded (an adapter layer's
+per-adapter ModuleDicts are kept shallowly: an entry added is removed on restore), so the
+snapshot's cost does not grow with the number of adapters registered.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ _OWN = ("_modules", "_parameters", "_buffers")
 
 class Snapshot:
     def __init__(self, root: nn.Module, dicts: Iterable[dict] = (), values: Iterable[torch.Tensor] = (),
-                 objects: Iterable[object] = ()):
+                 objects: Iterable[object] = (), adapters_untouched: bool = False):
         self.objects = [(o, dict(vars(o))) for o in objects]  # e.g. a config the block may edit
         self.modules = []
         seen: set[int] = set()
@@ -32,11 +37,16 @@ class Snapshot:
             if id(module) in seen:
                 continue
             seen.add(id(module))
-            attrs = {k: (v, _contents(v)) for k, v in module.__dict__.items() if k not in _OWN}
-            self.modules.append((module, dict(module._modules), dict(module._parameters), dict(module._buffers),
-                                 attrs))
-            stack.extend(m for m in module._modules.values() if m is not None)
-        self.grads = [(p, p.requires_grad) for p in root.parameters()]
+            self.modules.append(_record(module))
+            if adapters_untouched:  # an adapter layer's per-adapter dicts: their own entries only
+                leaves = getattr(type(module), "adapter_layer_names", ())
+                for name in leaves:
+                    held = module._modules.get(name)
+                    if held is not None and id(held) not in seen:
+                        seen.add(id(held))
+                        self.modules.append(_record(held))
+            stack.extend(m for m in module._modules.values() if m is not None and id(m) not in seen)
+        self.grads = [(p, p.requires_grad) for m in self.modules for p in m[2].values() if p is not None]
         self.dicts = [(d, dict(d)) for d in dicts]
         with torch.no_grad():
             self.values = [(t, t.detach().clone()) for t in _unique(values)]
@@ -65,6 +75,12 @@ class Snapshot:
                 tensor.copy_(saved)
 
 
+def _record(module: nn.Module) -> tuple:
+    """(module, its children, parameters, buffers, plain attributes with their contents)."""
+    attrs = {k: (v, _contents(v)) for k, v in module.__dict__.items() if k not in _OWN}
+    return module, dict(module._modules), dict(module._parameters), dict(module._buffers), attrs
+
+
 def _contents(value: Any) -> Any:
     return copy.copy(value) if type(value) in (dict, list, set) else None
 
@@ -91,10 +107,10 @@ def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def transaction(root: nn.Module, dicts: Iterable[dict] = (), values: Iterable[torch.Tensor] = (),
-                objects: Iterable[object] = ()) -> Iterator[None]:
+                objects: Iterable[object] = (), adapters_untouched: bool = False) -> Iterator[None]:
     """Run the block; if it raises, restore `root` (and `dicts`, the `values` tensors' data and the
-    attributes of `objects`)."""
-    snapshot = Snapshot(root, dicts, values, objects)
+    attributes of `objects`). `adapters_untouched`: see the module docstring."""
+    snapshot = Snapshot(root, dicts, values, objects, adapters_untouched)
     try:
         yield
     except BaseException:

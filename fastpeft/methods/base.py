@@ -271,11 +271,17 @@ class BaseTuner(Wrapper):
                 module.add(adapter_name)
             else:
                 inject.replace_module(self.model, key, ModulesToSaveWrapper(module, adapter_name))
-        active = self.active_adapter if self.active_adapter in self.peft_config else adapter_name
-        if active != adapter_name and getattr(self.peft_config[active], "bias", "none") == "none":
+        if self.settles_new(adapter_name):
             self._settle_new(adapter_name, [k for k, _ in targets], self.save_targets(config))
         else:
-            self.set_adapter(active)
+            self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+
+    def settles_new(self, adapter_name: str) -> bool:
+        """Whether adding `adapter_name` leaves every other adapter as it is (`_settle_new`): an
+        active adapter is kept and it trains no bias, so set_adapter need not run again."""
+        active = self.active_adapter
+        return (active is not None and active != adapter_name and active in self.peft_config
+                and getattr(self.peft_config[active], "bias", "none") == "none")
 
     def _settle_new(self, adapter_name: str, keys: list[str], saved: list[str]) -> None:
         """`set_adapter(active)` for an added, inactive adapter, touching only what it changed

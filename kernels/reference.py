@@ -2,6 +2,7 @@
 
 Two jobs: the oracle that kernel tests compare against, and the CPU (``backend="torch"``) path of
 `fastpeft.ops`. Each function mirrors a launcher's signature (minus ``out=``), computes in fp32
+(fp64 inputs in fp64: a float64 model runs on this path only)
 and returns the input dtype, so a kernel and its reference differ only by rounding order.
 Future kernels add their references here, next to their siblings.
 """
@@ -12,6 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["lora_fwd", "lora_bwd_dx"]
+
+
+def _acc(t: Tensor) -> Tensor:
+    """`t` in the accumulation dtype: fp32, or fp64 for fp64 tensors (fp64 models run here only)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def lora_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -25,16 +31,16 @@ def lora_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, l
     rank_scale: [r] or None (AdaLoRA's E): ``s ((x A^T) diag(e)) B^T``; col_scale: [N] or None
     (DoRA's ``m / ||W + s B A||``): ``y = f * (x W^T + s (x A^T) B^T) + b``.
     """
-    xf = x2d.float()
-    xa = F.linear(xf, lora_A.float())
+    xf = _acc(x2d)
+    xa = F.linear(xf, _acc(lora_A))
     if rank_scale is not None:
-        xa = xa * rank_scale.float()
-    y = F.linear(xf, weight.float())
-    y.add_(F.linear(xa, lora_B.float()), alpha=scaling)
+        xa = xa * _acc(rank_scale)
+    y = F.linear(xf, _acc(weight))
+    y.add_(F.linear(xa, _acc(lora_B)), alpha=scaling)
     if col_scale is not None:
-        y.mul_(col_scale.float())
+        y.mul_(_acc(col_scale))
     if bias is not None:
-        y.add_(bias.float())
+        y.add_(_acc(bias))
     return y.to(x2d.dtype)
 
 
@@ -46,12 +52,12 @@ def lora_bwd_dx(dy2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     lora_B: [N, r]; scaling: python float -> [M, K] dy2d.dtype, contiguous.
     rank_scale: [r] or None: ``dX = dY W + s ((dY B) diag(e)) A``.
     """
-    dyf = dy2d.float()
-    dx = dyf @ weight.float()
-    dyb = dyf @ lora_B.float()
+    dyf = _acc(dy2d)
+    dx = dyf @ _acc(weight)
+    dyb = dyf @ _acc(lora_B)
     if rank_scale is not None:
-        dyb = dyb * rank_scale.float()
-    dx.add_(dyb @ lora_A.float(), alpha=scaling)
+        dyb = dyb * _acc(rank_scale)
+    dx.add_(dyb @ _acc(lora_A), alpha=scaling)
     return dx.to(dy2d.dtype)
 
 
@@ -66,14 +72,14 @@ def scaled_linear_fwd(x2d: Tensor, weight: Tensor, bias: Tensor | None, *,
     product ``x * g`` rounded to x's dtype before the GEMM (as the kernel and PEFT do); col_scale
     f: [N] or None -> [M, N] x2d.dtype, contiguous.
     """
-    xf = x2d.float()
+    xf = _acc(x2d)
     if in_scale is not None:
-        xf = (xf * in_scale.float()).to(x2d.dtype).float()
-    y = F.linear(xf, weight.float())
+        xf = _acc((xf * _acc(in_scale)).to(x2d.dtype))
+    y = F.linear(xf, _acc(weight))
     if col_scale is not None:
-        y.mul_(col_scale.float())
+        y.mul_(_acc(col_scale))
     if bias is not None:
-        y.add_(bias.float())
+        y.add_(_acc(bias))
     return y.to(x2d.dtype)
 
 
@@ -101,10 +107,10 @@ def adapter_fwd(x2d: Tensor, down_w: Tensor, down_b: Tensor | None, up_w: Tensor
     x2d: [M, H]; down_w: [b, H]; down_b: [b] or None; up_w: [H, b]; up_b: [H] or None; residual:
     [M, H] or None -> [M, H] x2d.dtype, contiguous (fp32 maths, like the kernel's accumulator).
     """
-    xf = x2d.float()
-    a = adapter_activation(F.linear(xf, down_w.float(), None if down_b is None else down_b.float()), activation)
-    up = F.linear(a, up_w.float(), None if up_b is None else up_b.float())
-    res = xf if residual is None else residual.float()
+    xf = _acc(x2d)
+    a = adapter_activation(F.linear(xf, _acc(down_w), None if down_b is None else _acc(down_b)), activation)
+    up = F.linear(a, _acc(up_w), None if up_b is None else _acc(up_b))
+    res = xf if residual is None else _acc(residual)
     return (res + scaling * up).to(x2d.dtype)
 
 

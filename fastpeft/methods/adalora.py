@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from fastpeft import ops, registry
-from fastpeft.methods.base import AdapterLayer
+from fastpeft.methods.base import AdapterLayer, acc, adapter_dtype
 from fastpeft.methods.lora import LoraConfig, LoraModel, _is_conv1d, check_finite, requantize_into
 from fastpeft.quant.nf4 import Linear4bit
 
@@ -136,9 +136,10 @@ class SVDLinear(AdapterLayer):
         r = config.rank_for(key)
         device = self.base_layer.weight.device
         # fp32 like PEFT's adapters; random unless init_lora_weights (then E = 0, A, B ~ N(0, 0.02)).
-        a = torch.randn(r, self.in_features)
-        e = torch.randn(r, 1)
-        b = torch.randn(self.out_features, r)
+        dtype = adapter_dtype(self.base_layer.weight)
+        a = torch.randn(r, self.in_features, dtype=dtype)
+        e = torch.randn(r, 1, dtype=dtype)
+        b = torch.randn(self.out_features, r, dtype=dtype)
         if config.init_lora_weights:
             nn.init.zeros_(e)
             nn.init.normal_(a, mean=0.0, std=0.02)
@@ -149,7 +150,7 @@ class SVDLinear(AdapterLayer):
         # A layer rebuilt from a rank_pattern keeps the scale of the full-rank one (PEFT resizes a
         # full-rank layer and copies its ranknum back), unless nothing is left of it.
         ranknum = config.init_r if (mask is not None and r > 0) else r
-        self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), float(ranknum), device=device), requires_grad=False)
+        self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), float(ranknum), device=device, dtype=dtype), requires_grad=False)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.lora_alpha if config.lora_alpha > 0 else float(r)
@@ -195,8 +196,8 @@ class SVDLinear(AdapterLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``B diag(E) A * alpha / (ranknum + 1e-5)`` as `[out, in]`, fp32."""
-        a, b = self.lora_A[adapter_name].float(), self.lora_B[adapter_name].float()
-        return (b * self.rank_scale(adapter_name).float()) @ a
+        a, b = acc(self.lora_A[adapter_name]), acc(self.lora_B[adapter_name])
+        return (b * acc(self.rank_scale(adapter_name))) @ a
 
     def write_base_weight(self, weight: torch.Tensor, adapter_name: str, safe_merge: bool = False) -> float | None:
         """Store a merged/unmerged weight: copied into W, or re-quantized into an NF4 base (then

@@ -10,9 +10,21 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from fastpeft import inject
+
+
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """The dtype adapter weights live in (PEFT's): fp32 on a 16- or 32-bit base (autocast up),
+    fp64 on a float64 base (which runs on the fp64 reference path)."""
+    return torch.float64 if base_weight.dtype == torch.float64 else torch.float32
+
+
+def acc(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the dtype merges and norms compute in: fp32, or fp64 for fp64 tensors."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 class AdapterLayer(nn.Module):

@@ -36,6 +36,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fastpeft.methods.base import acc
+
 # The layers below are `fastpeft.methods.lora.LoraLinear`s, typed `nn.Module` here: lora imports
 # this module, so importing it back (even for type checking) would close an import cycle.
 LAYER_NAME = "lora_magnitude_vector"
@@ -45,7 +47,7 @@ _MODEL_KEY = f"{LAYER_NAME}.weight"
 def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """``||W + s B A||`` per output row, fp32 [out], no grad. weight: [out, in] (any strides)."""
     with torch.no_grad():
-        return torch.linalg.norm(weight.float() + scaling * (lora_B.float() @ lora_A.float()), dim=1)
+        return torch.linalg.norm(acc(weight) + scaling * (acc(lora_B) @ acc(lora_A)), dim=1)
 
 
 def _stamp(t: torch.Tensor) -> tuple:
@@ -107,11 +109,11 @@ class DoraMagnitude(nn.Module):
 def unmerged_weight(layer: nn.Module) -> torch.Tensor:
     """The base weight [out, in] fp32 with every merged adapter taken out again (PEFT's
     `_unmerged_base_weight`): the norm of a DoRA merge is always that of the unmerged direction."""
-    weight = layer.base_weight().detach().float().clone()
+    weight = acc(layer.base_weight().detach()).clone()
     for name in reversed(layer.merged_adapters):
         if name in layer.lora_magnitude_vector:
             magnitude = layer.lora_magnitude_vector[name]
-            weight = weight / (magnitude.weight.detach().float() / magnitude.merged_norm)[:, None]
+            weight = weight / (acc(magnitude.weight.detach()) / magnitude.merged_norm)[:, None]
         weight -= layer.get_delta_weight(name)
     return weight
 
@@ -124,7 +126,7 @@ def merge(layer: nn.Module, name: str, safe_merge: bool) -> float | None:
         weight = layer.base_weight()
         delta = layer.get_delta_weight(name)
         norm = torch.linalg.norm(unmerged_weight(layer) + delta, dim=1)
-        merged = (magnitude.weight.float() / norm)[:, None] * (weight.float() + delta)
+        merged = (acc(magnitude.weight) / norm)[:, None] * (acc(weight) + delta)
         error = layer.write_base_weight(merged, name, safe_merge)
     magnitude.merged_norm = norm
     return error
@@ -135,8 +137,8 @@ def unmerge(layer: nn.Module, name: str) -> None:
     magnitude = layer.lora_magnitude_vector[name]
     with torch.no_grad():
         weight = layer.base_weight()
-        f = magnitude.weight.float() / magnitude.merged_norm
-        layer.write_base_weight(weight.float() / f[:, None] - layer.get_delta_weight(name), name, False)
+        f = acc(magnitude.weight) / magnitude.merged_norm
+        layer.write_base_weight(acc(weight) / f[:, None] - layer.get_delta_weight(name), name, False)
     magnitude.merged_norm = None
 
 

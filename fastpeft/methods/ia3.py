@@ -26,7 +26,7 @@ from torch import nn
 
 from fastpeft import inject, ops, registry
 from fastpeft.config import PeftConfig
-from fastpeft.methods.base import AdapterLayer, BaseTuner
+from fastpeft.methods.base import AdapterLayer, BaseTuner, adapter_dtype
 from fastpeft.quant.nf4 import Linear4bit
 
 LAYER_NAME = "ia3_l"
@@ -87,8 +87,10 @@ class IA3Linear(AdapterLayer):
     def update_layer(self, adapter_name: str, config: IA3Config, key: str) -> None:
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         device = self.base_layer.weight.device
-        vector = torch.ones(shape, device=device) if config.init_ia3_weights else torch.randn(shape, device=device)
-        self.ia3_l[adapter_name] = nn.Parameter(vector)  # fp32 whatever the base dtype (PEFT's)
+        dtype = adapter_dtype(self.base_layer.weight)  # fp32 on a 16/32-bit base, fp64 on fp64 (PEFT's)
+        vector = torch.ones(shape, device=device, dtype=dtype) if config.init_ia3_weights else \
+            torch.randn(shape, device=device, dtype=dtype)
+        self.ia3_l[adapter_name] = nn.Parameter(vector)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as `[out, in]` (a view for Conv1D)."""

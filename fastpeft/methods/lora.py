@@ -19,7 +19,7 @@ from torch import nn
 from fastpeft import batching, inject, ops, registry
 from fastpeft.config import PeftConfig
 from fastpeft.methods import dora, lora_layers
-from fastpeft.methods.base import AdapterLayer, BaseTuner
+from fastpeft.methods.base import AdapterLayer, BaseTuner, acc, adapter_dtype
 from fastpeft.quant.nf4 import Linear4bit
 
 
@@ -138,8 +138,8 @@ class LoraLinear(AdapterLayer):
         r, alpha = config.rank_and_alpha(key)
         weight = self.base_layer.weight
         # Adapters live in fp32 even on a 16-bit base (PEFT's autocast_adapter_dtype); forward casts.
-        a = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=torch.float32)
-        b = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=torch.float32)
+        a = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=adapter_dtype(weight))
+        b = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=adapter_dtype(weight))
         if config.init_lora_weights is True:
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
             nn.init.zeros_(b.weight)
@@ -163,9 +163,9 @@ class LoraLinear(AdapterLayer):
         return weight.T if self.fan_in_fan_out else weight
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """`s * B A` as `[out, in]`, in fp32."""
+        """`s * B A` as `[out, in]`, in fp32 (fp64 for fp64 adapters)."""
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        return (b.float() @ a.float()) * self.scaling[adapter_name]
+        return (acc(b) @ acc(a)) * self.scaling[adapter_name]
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, Any]:
         return dora.to_checkpoint(super().adapter_state_dict(adapter_name))

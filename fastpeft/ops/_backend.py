@@ -4,7 +4,8 @@ argument checks, written once.
 Backends, chosen per call by `resolve_backend` (no import-time state):
   ``"triton"``  the fused kernels of `fastpeft.kernels` (CPU tensors: ``TRITON_INTERPRET=1`` only);
   ``"torch"``   `fastpeft.kernels.reference`, the fp32 PyTorch oracle (the CPU path);
-  ``"auto"``    triton when the input is on CUDA and triton imports, else torch.
+  ``"auto"``    triton when the input is on CUDA and triton imports, else torch (float64 inputs:
+                torch, the only backend that computes in float64).
 The ``backend=`` argument wins, then the ``FASTPEFT_BACKEND`` environment variable read at call
 time, then ``"auto"``. Triton is imported only when the ``"triton"`` backend runs.
 """
@@ -39,7 +40,7 @@ def resolve_backend(x: Tensor, backend: str | None = None) -> str:
         raise ValueError(f"{source}={backend!r} is not one of {'|'.join(BACKENDS)}")
     if choice != "auto":
         return choice
-    if not x.is_cuda:
+    if not x.is_cuda or x.dtype == torch.float64:
         return "torch"
     try:
         import triton  # noqa: F401  (only probing that it imports)
@@ -81,9 +82,18 @@ def check_types(op: str, named: dict) -> None:
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def check_float(op: str, x: Tensor, name: str = "x") -> None:
+def check_float(op: str, x: Tensor, name: str = "x", *, fp64: bool = False, backend: str | None = None) -> None:
+    """x is fp32|fp16|bf16; with `fp64`, also float64 when the op runs on the torch (reference)
+    backend (`backend` as the op was given it): the Triton kernels have no fp64 path."""
+    if fp64 and x.dtype == torch.float64:
+        if resolve_backend(x, backend) == "torch":
+            return
+        raise ValueError(f"{op}: {name} is float64, which the Triton kernels do not support (on GPU or "
+                         f"interpreted); float64 runs on the PyTorch reference path only: pass "
+                         f"backend='torch' (or FASTPEFT_BACKEND=torch|auto), or use float32|float16|bfloat16")
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{op}: {name} dtype must be float32|float16|bfloat16, got {name} {x.dtype}")
+        allowed = "float32|float16|bfloat16" + ("|float64 (torch backend)" if fp64 else "")
+        raise ValueError(f"{op}: {name} dtype must be {allowed}, got {name} {x.dtype}")
 
 
 def check_like(op: str, named: dict, x: Tensor) -> None:

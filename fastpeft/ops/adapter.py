@@ -114,7 +114,7 @@ def bottleneck_adapter(x: Tensor, down_w: Tensor, down_b: Tensor | None, up_w: T
         if name in named and tuple(named[name].shape) != shape:
             raise ValueError(f"bottleneck_adapter: {name} must be {list(shape)} (b = {b}, H = {H}), got "
                              f"{describe(named[name])}")
-    check_float("bottleneck_adapter", x)
+    check_float("bottleneck_adapter", x, fp64=True, backend=backend)
     check_like("bottleneck_adapter", named, x)
     if activation not in ("relu", "gelu", "silu", "tanh"):
         raise ValueError(f"bottleneck_adapter: activation must be relu|gelu|silu|tanh, got {activation!r}")

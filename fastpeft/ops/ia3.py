@@ -101,7 +101,7 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, fe
                          f"of weight {list(weight.shape)}, feedforward={feedforward}); got scale {list(scale.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"ia3_linear: bias must be [{N}], got bias {list(bias.shape)}")
-    check_float("ia3_linear", x)
+    check_float("ia3_linear", x, fp64=True, backend=backend)
     check_like("ia3_linear", named, x)
     which = resolve_backend(x, backend)
     x2d = x.reshape(-1, K)

@@ -18,7 +18,7 @@ __all__ = ["lora_linear"]
 
 
 def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout,
-                       rank_scale=None, col_scale=None) -> None:
+                       rank_scale=None, col_scale=None, backend=None) -> None:
     """Validate everything before any kernel runs; errors name the tensors and both sides."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
@@ -60,7 +60,7 @@ def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout,
                          f"and weight {list(weight.shape)}")
     check_scale_shapes("lora_linear", rank_scale, col_scale, lora_A, N, f"weight {list(weight.shape)}")
 
-    check_float("lora_linear", x)
+    check_float("lora_linear", x, fp64=True, backend=backend)
     for name, t in named.items():
         if t.dtype != x.dtype:
             raise ValueError(f"lora_linear: {name} dtype {t.dtype} differs from x dtype {x.dtype} "
@@ -197,7 +197,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T, one LoRA linear layer (PEFT's semantics).
 
     Shapes and layout:
-      x: [..., K] fp32|fp16|bf16, any strides (a 2-D view is taken, copying only if the leading
+      x: [..., K] fp32|fp16|bf16 (fp64 on the torch backend only), any strides (a 2-D view is taken, copying only if the leading
          dims cannot be flattened);
       weight: [N, K] x.dtype, any strides: pass ``conv1d.weight.T`` for GPT-2's Conv1D, it is
          read in place and never copied;
@@ -223,7 +223,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     """
     x, weight, bias, lora_A, lora_B, rank_scale, col_scale = autocast_cast(
         x, weight, bias, lora_A, lora_B, rank_scale, col_scale)
-    _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, rank_scale, col_scale)
+    _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, rank_scale, col_scale, backend)
     which = resolve_backend(x, backend)  # validates the name even on the dropout path
     scaling = float(scaling)
     if dropout > 0.0:

@@ -28,9 +28,8 @@ def test_lora_under_cpu_bf16_autocast_matches_peft(make_model):
     assert layer_out.dtype == torch.bfloat16
 
 
-def _pair(peft_cls, ours_cls, **kw):
+def _pair(base, peft_cls, ours_cls, **kw):
     torch.manual_seed(0)
-    base = Tiny()
     ref = peft.get_peft_model(copy.deepcopy(base), peft_cls(**kw)).eval()
     ours = fastpeft.get_peft_model(copy.deepcopy(base), ours_cls(**kw)).eval()
     with torch.no_grad():  # IA3 starts at ones: move off them so the scales matter
@@ -43,8 +42,8 @@ def _pair(peft_cls, ours_cls, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("feedforward", [[], ["v_proj"]])
-def test_ia3_under_cpu_autocast_matches_peft(dtype, feedforward):
-    ref, ours = _pair(peft.IA3Config, fastpeft.IA3Config, target_modules=["q_proj", "v_proj"],
+def test_ia3_under_cpu_autocast_matches_peft(make_model, dtype, feedforward):
+    ref, ours = _pair(make_model("qv"), peft.IA3Config, fastpeft.IA3Config, target_modules=["q_proj", "v_proj"],
                       feedforward_modules=feedforward)
     x = torch.randn(2, 5, 32)
     with torch.autocast("cpu", dtype):
@@ -56,11 +55,11 @@ def test_ia3_under_cpu_autocast_matches_peft(dtype, feedforward):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", ["houlsby", "parallel"])
-def test_bottleneck_adapter_under_cpu_autocast(dtype, variant):
+def test_bottleneck_adapter_under_cpu_autocast(make_model, dtype, variant):
     """No PEFT oracle (PEFT has no bottleneck adapters): the layer returns the autocast dtype, as
     the linear it wraps does, within its tolerance of the fp32 result, and trains under autocast."""
+    base = make_model("qv")
     torch.manual_seed(0)
-    base = Tiny()
     base.config = types.SimpleNamespace(hidden_size=32)  # the parallel variant's width
     model = fastpeft.get_peft_model(base, fastpeft.AdapterConfig(
         variant=variant, target_modules=["q_proj"], bottleneck_size=4, init_adapter_weights=False))
